@@ -1,0 +1,148 @@
+"""The base every global transaction builder shares: gid, options, and the prepare/submit/abort calls."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Mapping, Optional, TypeVar
+
+from ._consts import DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
+from ._options import TransOptions
+from ._validate import check_gid
+from .client import DtmClient, DtmLike, as_client, local_gid
+from .errors import DtmFailure, DtmInProgress, DtmOngoing, DtmTransportError
+
+__all__ = ["TransBase"]
+
+logger = logging.getLogger("dtmcli")
+
+T = TypeVar("T", bound="TransBase")
+
+
+def clip_reason(reason: str) -> str:
+    """A rollback reason bounded to what DTM's SQL stores keep."""
+    return reason if len(reason) <= MAX_REASON_LEN else reason[: MAX_REASON_LEN - 3] + "..."
+
+
+class TransBase:
+    """Gid, options and the calls to DTM shared by Saga, Msg, TCC and XA.
+
+    ``dtm`` is a DTM URL (its shared pooled client is used) or a :class:`DtmClient`.
+    ``gid`` defaults to a locally generated shortuuid. Options may be given as keywords
+    (``wait_result=True, timeout_to_fail=60, ...``) or with the fluent setters.
+    """
+
+    trans_type: ClassVar[str]
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        self.client: DtmClient = as_client(dtm)
+        self.gid: str = check_gid(gid) if gid is not None else local_gid()
+        self.options = TransOptions.from_mapping(options)
+        self.concurrent = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(gid={self.gid!r}, dtm={self.client.url!r})"
+
+    @property
+    def dtm(self) -> str:
+        """The DTM server URL."""
+        return self.client.url
+
+    # -- fluent option setters -------------------------------------------------------------
+
+    def set_options(self: T, **options: Any) -> T:
+        """Set several options at once (same names as the keyword arguments)."""
+        self.options.update(**options)
+        return self
+
+    def set_wait_result(self: T, wait_result: bool = True) -> T:
+        """Make submit/abort wait for the first processing pass and report its result."""
+        return self.set_options(wait_result=wait_result)
+
+    def set_timeout_to_fail(self: T, seconds: int) -> T:
+        """Abort (tcc/xa/saga) or query_prepared (msg) after this many seconds."""
+        return self.set_options(timeout_to_fail=seconds)
+
+    def set_retry_interval(self: T, seconds: int) -> T:
+        """Base interval of DTM's retries for this transaction."""
+        return self.set_options(retry_interval=seconds)
+
+    def set_retry_limit(self: T, limit: int) -> T:
+        """Saga: immediate retries of an action before aborting."""
+        return self.set_options(retry_limit=limit)
+
+    def set_request_timeout(self: T, seconds: int) -> T:
+        """Timeout of DTM's calls to the branches of this transaction."""
+        return self.set_options(request_timeout=seconds)
+
+    def set_branch_headers(self: T, headers: Mapping[str, str]) -> T:
+        """Extra HTTP headers DTM adds to every branch call."""
+        return self.set_options(branch_headers=dict(headers))
+
+    # -- wire ------------------------------------------------------------------------------
+
+    def build_body(self) -> dict[str, Any]:
+        """The JSON object sent to DTM for this transaction (same keys as the Go client)."""
+        body: dict[str, Any] = {"gid": self.gid, "trans_type": self.trans_type}
+        body.update(self._extra_body())
+        body.update(self.options.to_wire())
+        body["concurrent"] = self.concurrent
+        body["protocol"] = ""
+        return body
+
+    def _extra_body(self) -> dict[str, Any]:
+        return {}
+
+    def _call_prepare(self) -> None:
+        # prepare is idempotent on DTM's side (a prepared gid answers success), so it may be retried.
+        self.client.post("prepare", self.build_body(), idempotent=True)
+
+    def _call_abort(self, reason: Optional[str] = None) -> None:
+        body = self.build_body()
+        if reason:
+            body["rollback_reason"] = clip_reason(reason)
+        self.client.post("abort", body)
+
+    def _call_submit(self, *, recover: bool = False) -> None:
+        body = self.build_body()
+        try:
+            self.client.post("submit", body)
+        except (DtmFailure, DtmOngoing) as exc:
+            if not self.options.wait_result:
+                raise
+            # With wait_result, 409/425 only says "not succeeded after one pass" (protocol.md §6).
+            self._settle(exc)
+        except DtmTransportError:
+            if not recover:
+                raise
+            self._recover_submit()
+
+    def _settle(self, cause: Exception) -> None:
+        """Ask /query what really happened after an inconclusive submit answer."""
+        trans = self.client.query(self.gid)
+        if trans is None:
+            raise cause
+        if trans.status == SUCCEED:
+            return
+        if trans.status == FAILED:
+            raise DtmFailure(trans.rollback_reason or str(cause), gid=self.gid) from cause
+        raise DtmInProgress(
+            f"{self.trans_type} {self.gid} is still {trans.status}; DTM keeps processing it, do not submit again",
+            status=trans.status,
+            gid=self.gid,
+        ) from cause
+
+    def _recover_submit(self) -> None:
+        """After a submit whose answer was lost: submit again only if DTM never saw it."""
+        trans = self.client.query(self.gid)
+        if trans is None or trans.status == PREPARED:
+            logger.warning("dtm submit of %s %s was lost; submitting again", self.trans_type, self.gid)
+            self._call_submit(recover=False)
+            return
+        if trans.status == FAILED:
+            raise DtmFailure(trans.rollback_reason or f"{self.trans_type} {self.gid} failed", gid=self.gid)
+        if self.options.wait_result and trans.status != SUCCEED:
+            raise DtmInProgress(
+                f"{self.trans_type} {self.gid} is {trans.status} after a lost submit answer",
+                status=trans.status,
+                gid=self.gid,
+            )

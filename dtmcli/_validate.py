@@ -1,0 +1,76 @@
+"""Input checks shared by every builder; each raises DtmInvalidInput before anything is sent."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
+
+from ._consts import MAX_BRANCH_ID_LEN, MAX_GID_LEN
+from .errors import DtmInvalidInput
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+# RFC 7230 token characters for header names.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_gid(gid: Any) -> str:
+    """Return ``gid`` if it is a non-empty ``[A-Za-z0-9_-]`` string of at most 128 characters."""
+    if not isinstance(gid, str):
+        raise DtmInvalidInput(f"gid must be a str, not {type(gid).__name__}")
+    if not gid:
+        raise DtmInvalidInput("gid must not be empty")
+    if len(gid) > MAX_GID_LEN:
+        raise DtmInvalidInput(f"gid is {len(gid)} characters long; the limit is {MAX_GID_LEN}")
+    if not _ID_RE.fullmatch(gid):
+        raise DtmInvalidInput(f"gid {gid!r} may only contain letters, digits, '_' and '-'")
+    return gid
+
+
+def check_branch_id(branch_id: Any, *, gid: Optional[str] = None) -> str:
+    """Return ``branch_id`` if it is a non-empty ``[A-Za-z0-9_-]`` string of at most 128 characters."""
+    if not isinstance(branch_id, str) or not branch_id:
+        raise DtmInvalidInput("branch_id must be a non-empty str", gid=gid)
+    if len(branch_id) > MAX_BRANCH_ID_LEN or not _ID_RE.fullmatch(branch_id):
+        raise DtmInvalidInput(
+            f"branch_id {branch_id[:40]!r} must be at most {MAX_BRANCH_ID_LEN} letters, digits, '_' or '-'",
+            gid=gid,
+        )
+    return branch_id
+
+
+def check_http_url(url: Any, what: str, *, gid: Optional[str] = None, allow_empty: bool = False) -> str:
+    """Return ``url`` if it is an absolute http(s) URL with a host (or ``""`` when allowed)."""
+    if not isinstance(url, str):
+        raise DtmInvalidInput(f"{what} must be a str URL, not {type(url).__name__}", gid=gid)
+    if url == "" and allow_empty:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise DtmInvalidInput(f"{what} {url!r} is not a valid URL: {exc}", gid=gid) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise DtmInvalidInput(f"{what} {url!r} must be an absolute http:// or https:// URL", gid=gid)
+    return url
+
+
+def check_non_negative_int(value: Any, name: str) -> int:
+    """Return ``value`` if it is an int >= 0 (bool is rejected: the server decodes ints strictly)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DtmInvalidInput(f"{name} must be a non-negative int, not {value!r}")
+    return value
+
+
+def check_headers(headers: Any) -> dict[str, str]:
+    """Return a copy of ``headers`` if it maps header names to str values without line breaks."""
+    if not isinstance(headers, Mapping):
+        raise DtmInvalidInput("branch_headers must be a mapping of str to str")
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not _HEADER_NAME_RE.fullmatch(key):
+            raise DtmInvalidInput(f"branch header name {key!r} is not a valid HTTP header name")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise DtmInvalidInput(f"branch header {key!r} must have a str value without line breaks")
+        out[key] = value
+    return out

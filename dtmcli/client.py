@@ -1,0 +1,232 @@
+"""``DtmClient``: one DTM server address, its connection pool, and the query/admin API."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import shortuuid
+
+from ._consts import DEFAULT_DTM
+from ._models import Transaction, TransactionPage
+from ._protocol import Response, dtm_error, dumps, parse_json_object
+from ._retry import NO_RETRY, Retry
+from ._transport import RequestsTransport, Transport
+from ._validate import check_gid, check_http_url, check_non_negative_int
+from .errors import DtmError, DtmInvalidInput, DtmServerError
+
+__all__ = ["DtmClient", "new_gid", "local_gid", "DtmLike"]
+
+logger = logging.getLogger("dtmcli")
+
+_LOG_BODY = 512
+
+
+def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Hide branch header values (they often carry credentials) from debug logs."""
+    if "branch_headers" not in body:
+        return body
+    shown = dict(body)
+    shown["branch_headers"] = {k: "***" for k in body["branch_headers"]}
+    return shown
+
+
+class DtmClient:
+    """A DTM server address with its own keep-alive pool; thread-safe.
+
+    ``DtmClient.for_url(url)`` returns one shared client per address, which is what the builders
+    use when given a plain URL string. Pass ``transport=`` to plug in your own HTTP layer.
+    """
+
+    _shared: dict[str, "DtmClient"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        url: str = DEFAULT_DTM,
+        *,
+        timeout: float = 10.0,
+        transport: Optional[Transport] = None,
+        retry: Retry = Retry(),
+    ) -> None:
+        check_http_url(url, "DTM server URL")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.transport: Transport = transport if transport is not None else RequestsTransport(timeout=timeout)
+        self.retry = retry
+
+    @classmethod
+    def for_url(cls, url: str) -> "DtmClient":
+        """The shared client for ``url`` (created on first use)."""
+        key = url.rstrip("/")
+        client = cls._shared.get(key)
+        if client is None:
+            with cls._shared_lock:
+                client = cls._shared.get(key)
+                if client is None:
+                    client = cls._shared[key] = cls(url)
+        return client
+
+    def __repr__(self) -> str:
+        return f"DtmClient({self.url!r})"
+
+    def __enter__(self) -> "DtmClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.transport.close()
+
+    # -- raw calls -------------------------------------------------------------------------
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[Mapping[str, Any]] = None,
+        params: Optional[Mapping[str, str]] = None,
+        gid: Optional[str] = None,
+        idempotent: bool = False,
+    ) -> Response:
+        """Call ``<url>/<path>`` on DTM; raise the typed error for anything but success.
+
+        Only ``idempotent`` calls are retried on transport errors.
+        """
+        data = dumps(body) if body is not None else None
+        url = f"{self.url}/{path}"
+        if logger.isEnabledFor(logging.DEBUG):
+            shown = dumps(_redact(body)).decode() if body is not None else ""
+            logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
+
+        def once() -> Response:
+            return self.transport.request(method, url, params=params, body=data)
+
+        try:
+            resp = (self.retry if idempotent else NO_RETRY).call(once)
+        except DtmError as exc:
+            if exc.gid is None:
+                exc.gid = gid
+            raise
+        err = dtm_error(resp, path=path, gid=gid)
+        if err is not None:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("dtm %s %s gid=%s failed: %s", method, path, gid, err)
+            raise err
+        return resp
+
+    def post(self, path: str, body: Mapping[str, Any], *, idempotent: bool = False) -> Response:
+        """POST a JSON body to DTM (``prepare``, ``submit``, ``abort``, ``registerBranch``, ...)."""
+        gid = body.get("gid")
+        return self.call("POST", path, body=body, gid=gid if isinstance(gid, str) else None, idempotent=idempotent)
+
+    # -- gids ------------------------------------------------------------------------------
+
+    def new_gid(self) -> str:
+        """Ask DTM for a new gid (``GET newGid``)."""
+        resp = self.call("GET", "newGid", idempotent=True)
+        gid = parse_json_object(resp, path="newGid").get("gid")
+        if not isinstance(gid, str) or not gid:
+            raise DtmServerError("newGid: answer has no gid", status=resp.status, body=resp.text)
+        return gid
+
+    # -- query and admin -------------------------------------------------------------------
+
+    def query(self, gid: str) -> Optional[Transaction]:
+        """The stored transaction with its branches, or ``None`` when DTM does not know the gid."""
+        check_gid(gid)
+        resp = self.call("GET", "query", params={"gid": gid}, gid=gid, idempotent=True)
+        body = parse_json_object(resp, path="query", gid=gid)
+        trans = body.get("transaction")
+        if not isinstance(trans, dict):
+            return None
+        return Transaction.from_json(trans, body.get("branches") or ())
+
+    def query_status(self, gid: str) -> Optional[str]:
+        """Just the status of ``gid`` (``None`` when unknown)."""
+        trans = self.query(gid)
+        return trans.status if trans is not None else None
+
+    def all(
+        self,
+        *,
+        position: str = "",
+        limit: int = 100,
+        status: str = "",
+        trans_type: str = "",
+        create_time_start: Optional[int] = None,
+        create_time_end: Optional[int] = None,
+    ) -> TransactionPage:
+        """One page of transactions (``GET all``); times are epoch milliseconds."""
+        check_non_negative_int(limit, "limit")
+        params = {"position": position, "limit": str(limit), "status": status, "transType": trans_type}
+        if create_time_start is not None:
+            params["createTimeStart"] = str(check_non_negative_int(create_time_start, "create_time_start"))
+        if create_time_end is not None:
+            params["createTimeEnd"] = str(check_non_negative_int(create_time_end, "create_time_end"))
+        params = {k: v for k, v in params.items() if v}
+        body = parse_json_object(self.call("GET", "all", params=params, idempotent=True), path="all")
+        rows = body.get("transactions") or []
+        return TransactionPage(
+            transactions=tuple(Transaction.from_json(t) for t in rows if isinstance(t, dict)),
+            next_position=str(body.get("next_position") or ""),
+        )
+
+    def iter_all(self, *, page_size: int = 100, **filters: Any) -> Iterator[Transaction]:
+        """Every transaction matching ``filters``, following ``next_position`` page by page."""
+        position = ""
+        while True:
+            page = self.all(position=position, limit=page_size, **filters)
+            yield from page.transactions
+            if not page.next_position or not page.transactions:
+                return
+            position = page.next_position
+
+    def force_stop(self, gid: str) -> None:
+        """Move a non-final transaction to ``failed`` without compensating (``POST forceStop``)."""
+        self.post("forceStop", {"gid": check_gid(gid)})
+
+    def reset_next_cron_time(self, gid: str) -> None:
+        """Make DTM retry ``gid`` now (effective on SQL stores; boltdb ignores it)."""
+        self.post("resetNextCronTime", {"gid": check_gid(gid)})
+
+    def ping(self) -> bool:
+        """True when the server answers ``/api/ping``."""
+        base = self.url.rsplit("/", 1)[0] if self.url.endswith("/dtmsvr") else self.url
+        resp = self.transport.request("GET", f"{base}/ping")
+        err = dtm_error(resp, path="ping")
+        if err is not None:
+            raise err
+        return True
+
+    def version(self) -> str:
+        """The server's version string, e.g. ``v1.19.0``."""
+        body = parse_json_object(self.call("GET", "version", idempotent=True), path="version")
+        return str(body.get("version", ""))
+
+
+DtmLike = Union[str, DtmClient]
+
+
+def as_client(dtm: DtmLike) -> DtmClient:
+    """A DtmClient from a URL string (the shared one for that address) or a client."""
+    if isinstance(dtm, DtmClient):
+        return dtm
+    if isinstance(dtm, str):
+        check_http_url(dtm, "DTM server URL")
+        return DtmClient.for_url(dtm)
+    raise DtmInvalidInput(f"dtm must be a URL or a DtmClient, not {type(dtm).__name__}")
+
+
+def new_gid(dtm: DtmLike = DEFAULT_DTM) -> str:
+    """A new gid from DTM's ``newGid`` (one round trip)."""
+    return as_client(dtm).new_gid()
+
+
+def local_gid() -> str:
+    """A new gid made locally (shortuuid, the same generator DTM uses); no round trip."""
+    return str(shortuuid.uuid())

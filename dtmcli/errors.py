@@ -1,0 +1,111 @@
+"""The dtmcli exception tree.
+
+Every error the SDK raises derives from :class:`DtmError`::
+
+    DtmError
+    ├── DtmInvalidInput      bad input, raised before anything is sent or written (also a ValueError)
+    ├── DtmFailure           409 / FAILURE: the transaction or branch failed, roll back
+    ├── DtmOngoing           425 / ONGOING: not finished yet, retry later
+    │   └── DtmInProgress    a wait_result submit came back before the transaction finished
+    ├── DtmDuplicated        a barrier found this msg local transaction already done
+    ├── DtmTransportError    the request may not have reached DTM or a branch (connection, timeout)
+    │   └── DtmTimeout
+    └── DtmServerError       DTM or a branch answered an unexpected status or body
+
+Errors carry the ``gid`` (and ``branch_id`` / ``op`` where known) of the transaction they concern.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "DtmError",
+    "DtmInvalidInput",
+    "DtmFailure",
+    "DtmOngoing",
+    "DtmInProgress",
+    "DtmDuplicated",
+    "DtmTransportError",
+    "DtmTimeout",
+    "DtmServerError",
+]
+
+
+class DtmError(Exception):
+    """Root of every dtmcli error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        gid: Optional[str] = None,
+        branch_id: Optional[str] = None,
+        op: Optional[str] = None,
+    ) -> None:
+        self.message = message
+        self.gid = gid
+        self.branch_id = branch_id
+        self.op = op
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = [f"{k}={v}" for k, v in (("gid", self.gid), ("branch_id", self.branch_id), ("op", self.op)) if v]
+        return f"{self.message} ({', '.join(where)})" if where else self.message
+
+
+class DtmInvalidInput(DtmError, ValueError):
+    """Input rejected before any request was sent or any row written."""
+
+
+class DtmFailure(DtmError):
+    """FAILURE (HTTP 409): the operation failed for good; the global transaction rolls back."""
+
+
+class DtmOngoing(DtmError):
+    """ONGOING (HTTP 425): not finished yet; DTM retries at a fixed interval."""
+
+
+class DtmInProgress(DtmOngoing):
+    """A ``wait_result`` submit returned before the transaction reached a final status.
+
+    ``status`` is what ``/query`` reported (``submitted``, ``aborting``, ...). Do not submit again:
+    DTM keeps driving the transaction; poll :meth:`DtmClient.query` instead.
+    """
+
+    def __init__(self, message: str, *, status: str, gid: Optional[str] = None) -> None:
+        super().__init__(message, gid=gid)
+        self.status = status
+
+
+class DtmDuplicated(DtmError):
+    """The barrier saw this (msg) local transaction already committed."""
+
+
+class DtmTransportError(DtmError):
+    """The request failed below HTTP: connection refused or reset, DNS, TLS.
+
+    The request may or may not have been processed.
+    """
+
+
+class DtmTimeout(DtmTransportError):
+    """No answer within the configured timeout; the request may or may not have been processed."""
+
+
+class DtmServerError(DtmError):
+    """An unexpected answer: a status other than 200/409/425, or a body that cannot be read."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        body: str,
+        gid: Optional[str] = None,
+        branch_id: Optional[str] = None,
+        op: Optional[str] = None,
+    ) -> None:
+        super().__init__(message, gid=gid, branch_id=branch_id, op=op)
+        self.status = status
+        self.body = body

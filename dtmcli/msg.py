@@ -1,0 +1,156 @@
+"""2-phase message: local work plus a list of actions DTM will run until they succeed."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Optional, TypeVar
+
+from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
+from ._protocol import branch_error, client_branch_query, encode_custom_data, encode_payload
+from ._trans import TransBase
+from ._validate import check_http_url, check_non_negative_int
+from .barrier import BranchBarrier
+from .client import DtmLike
+from .errors import DtmFailure, DtmInvalidInput
+
+__all__ = ["Msg"]
+
+logger = logging.getLogger("dtmcli")
+
+R = TypeVar("R")
+
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class Msg(TransBase):
+    """A 2-phase message.
+
+    Simple message: ``Msg(dtm, gid).add(url, payload).submit()``. Transactional message:
+    ``prepare(query_prepared)``, local work, ``submit()`` — or all three with
+    :meth:`prepare_and_submit`, which decides exactly as the Go client's ``DoAndSubmit``.
+    """
+
+    trans_type = MSG
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
+        self.steps: list[dict[str, str]] = []
+        self.payloads: list[str] = []
+        self.query_prepared = ""
+        self.delay: Optional[int] = None
+
+    def add(self, action: str, payload: Any) -> "Msg":
+        """Append an action DTM calls (POST with ``payload``, or GET when it is ``""``)."""
+        check_http_url(action, "msg action URL", gid=self.gid)
+        self.payloads.append(encode_payload(payload, gid=self.gid))
+        self.steps.append({"action": action})
+        return self
+
+    def add_topic(self, topic: str, payload: Any) -> "Msg":
+        """Append a step delivered to every URL subscribed to ``topic`` on DTM."""
+        if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
+            raise DtmInvalidInput(f"topic {topic!r} must be 1-128 letters, digits or _.:-", gid=self.gid)
+        self.payloads.append(encode_payload(payload, gid=self.gid))
+        self.steps.append({"action": f"topic://{topic}"})
+        return self
+
+    def set_delay(self, seconds: int) -> "Msg":
+        """Let DTM wait this many seconds after submit before the first action."""
+        self.delay = check_non_negative_int(seconds, "delay")
+        return self
+
+    def enable_concurrent(self) -> "Msg":
+        """Run the actions in parallel instead of one after another."""
+        self.concurrent = True
+        return self
+
+    set_concurrent = enable_concurrent
+
+    def _extra_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"steps": [dict(s) for s in self.steps], "payloads": list(self.payloads)}
+        if self.query_prepared:
+            body["query_prepared"] = self.query_prepared
+        if self.delay:
+            body["custom_data"] = encode_custom_data({"delay": self.delay}, gid=self.gid)
+        return body
+
+    def build_body(self) -> dict[str, Any]:
+        """The prepare/submit/abort body; raises DtmInvalidInput for a message without actions."""
+        if not self.steps:
+            raise DtmInvalidInput("a msg needs at least one action", gid=self.gid)
+        return super().build_body()
+
+    def prepare(self, query_prepared: str) -> None:
+        """Create the message as ``prepared``; DTM asks ``query_prepared`` if it is never submitted."""
+        check_http_url(query_prepared, "query_prepared URL", gid=self.gid)
+        self.query_prepared = query_prepared
+        self._call_prepare()
+
+    def submit(self, *, recover: bool = False) -> None:
+        """Submit the message (prepared or not); DTM then runs the actions until they succeed."""
+        self._call_submit(recover=recover)
+
+    def abort(self, reason: Optional[str] = None) -> None:
+        """Abort a prepared message: it becomes ``failed`` and no action runs."""
+        self._call_abort(reason)
+
+    def query_prepared_status(self, query_prepared: Optional[str] = None) -> None:
+        """Ask the ``query_prepared`` URL what happened to the local transaction, as DTM would.
+
+        Returns on success; raises DtmFailure (roll back), DtmOngoing, or an error.
+        """
+        url = query_prepared or self.query_prepared
+        check_http_url(url, "query_prepared URL", gid=self.gid)
+        params = client_branch_query(self.dtm, self.gid, MSG_BRANCH_ID, MSG, OP_MSG)
+        resp = self.client.transport.request("GET", url, params=params)
+        err = branch_error(resp, url=url, gid=self.gid, branch_id=MSG_BRANCH_ID, op=OP_MSG)
+        if err is not None:
+            raise err
+
+    def prepare_and_submit(self, query_prepared: str, busi_call: Callable[[BranchBarrier], R]) -> R:
+        """Prepare, run ``busi_call(barrier)``, then submit or abort (Go's ``DoAndSubmit``).
+
+        The decision follows protocol.md §8: business success → submit; business DtmFailure →
+        abort; any other business error → ask ``query_prepared`` and abort on FAILURE, submit on
+        success, or leave the message for DTM to query when the answer is unknown. The business
+        error is always re-raised.
+        """
+        barrier = BranchBarrier.for_msg(self.gid)
+        self.prepare(query_prepared)
+        try:
+            result = busi_call(barrier)
+        except DtmFailure:
+            self._abort_after(reason=None)
+            raise
+        except Exception as busi_error:
+            try:
+                self.query_prepared_status()
+            except DtmFailure:
+                self._abort_after(reason=None)
+            except Exception as query_error:
+                logger.warning(
+                    "msg %s: business call failed (%s) and query_prepared did not answer (%s); "
+                    "DTM will ask query_prepared after timeout_to_fail",
+                    self.gid,
+                    busi_error,
+                    query_error,
+                )
+            else:
+                self._after_busi_error(self.submit)
+            raise
+        self.submit()
+        return result
+
+    do_and_submit = prepare_and_submit
+
+    def _abort_after(self, *, reason: Optional[str]) -> None:
+        self._after_busi_error(lambda: self.abort(reason))
+
+    def _after_busi_error(self, call: Callable[[], None]) -> None:
+        # The business error is what the caller must see; a failed abort/submit here is logged,
+        # and DTM settles the prepared message through query_prepared after timeout_to_fail.
+        try:
+            call()
+        except Exception as exc:
+            logger.error("msg %s: call to DTM after a business error failed: %s", self.gid, exc)

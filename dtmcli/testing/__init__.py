@@ -1,0 +1,1 @@
+"""Test helpers: the in-process DTM-compatible coordinator and the pytest plugin."""
