@@ -8,7 +8,9 @@ from ._models import Branch, Transaction, TransactionPage
 from ._options import TransOptions
 from ._retry import ExponentialBackoff, Retry
 from ._transport import RequestsTransport, Transport
+from ._twophase import BranchReply, GlobalTransaction
 from .barrier import BranchBarrier
+from .branch import BranchInfo, BranchRequestError, BranchResponse
 from .client import DtmClient, local_gid, new_gid
 from .errors import (
     DtmDuplicated,
@@ -23,6 +25,8 @@ from .errors import (
 )
 from .msg import Msg
 from .saga import Saga
+from .tcc import Tcc, tcc_global_transaction
+from .xa import Xa, register_xa_branch, xa_global_transaction
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,10 @@ __all__ = [
     "DEFAULT_DTM",
     "Branch",
     "BranchBarrier",
+    "BranchInfo",
+    "BranchReply",
+    "BranchRequestError",
+    "BranchResponse",
     "DtmClient",
     "DtmDuplicated",
     "DtmError",
@@ -41,14 +49,20 @@ __all__ = [
     "DtmTimeout",
     "DtmTransportError",
     "ExponentialBackoff",
+    "GlobalTransaction",
     "Msg",
     "RequestsTransport",
     "Retry",
     "Saga",
+    "Tcc",
     "Transaction",
     "TransactionPage",
     "TransOptions",
     "Transport",
+    "Xa",
     "local_gid",
     "new_gid",
+    "register_xa_branch",
+    "tcc_global_transaction",
+    "xa_global_transaction",
 ]

@@ -38,7 +38,7 @@ class Branch:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> "Branch":
+    def from_json(cls, raw: Mapping[str, Any]) -> Branch:
         """Parse one element of ``/query``'s ``branches``."""
         try:
             data = base64.b64decode(_s(raw, "bin_data"), validate=True)
@@ -96,7 +96,7 @@ class Transaction:
         return None
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any], branches: Any = ()) -> "Transaction":
+    def from_json(cls, raw: Mapping[str, Any], branches: Any = ()) -> Transaction:
         """Parse a ``transaction`` object (and the ``branches`` list) from ``/query`` or ``/all``."""
         try:
             options = json.loads(_s(raw, "options") or "{}")

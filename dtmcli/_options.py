@@ -73,8 +73,9 @@ class TransOptions:
         return out
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any]) -> "TransOptions":
+    def from_mapping(cls, options: Mapping[str, Any]) -> TransOptions:
         """Build from keyword options, rejecting unknown names."""
         opts = cls()
-        opts.update(**dict(options))
+        if options:
+            opts.update(**dict(options))
         return opts

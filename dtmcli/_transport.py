@@ -7,16 +7,19 @@ implementation (a custom session, an asyncio twin, a test double) plugs in witho
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Mapping, Optional, Protocol, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+from urllib.parse import urlencode
+from urllib.request import getproxies
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from ._protocol import Response
-from .errors import DtmTimeout, DtmTransportError
+from .errors import DtmInvalidInput, DtmTimeout, DtmTransportError
 
-__all__ = ["Transport", "RequestsTransport"]
+__all__ = ["Transport", "RequestsTransport", "Urllib3Transport", "default_transport"]
 
 logger = logging.getLogger("dtmcli")
 
@@ -115,3 +118,96 @@ class RequestsTransport:
         """Close the pool (only a session this transport created)."""
         if self._owns_session:
             self.session.close()
+
+
+class Urllib3Transport:
+    """A thread-safe keep-alive pool straight on urllib3 (what requests uses underneath).
+
+    About twice as fast per call as ``requests`` for DTM's small JSON calls. It does not read proxy
+    settings from the environment; pass ``proxy_url`` or use :class:`RequestsTransport`
+    (:func:`default_transport` picks that one when a proxy is configured).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 10.0,
+        pool_maxsize: int = 32,
+        proxy_url: Optional[str] = None,
+        ssl_context: Optional[Any] = None,
+    ) -> None:
+        import urllib3
+
+        self._urllib3 = urllib3
+        kwargs: dict[str, Any] = {"maxsize": pool_maxsize, "retries": False}
+        if ssl_context is not None:
+            kwargs["ssl_context"] = ssl_context
+        self.pool: Any = (
+            urllib3.ProxyManager(proxy_url, **kwargs) if proxy_url else urllib3.PoolManager(**kwargs)
+        )
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Optional[Mapping[str, str]] = None,
+        body: Optional[bytes] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+    ) -> Response:
+        """Send one request; connection problems become DtmTransportError / DtmTimeout."""
+        if params:
+            url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+        if headers is None:
+            headers = _JSON_HEADERS if body is not None else {}
+        started = time.perf_counter()
+        errors = self._urllib3.exceptions
+        try:
+            r = self.pool.urlopen(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                timeout=self.timeout if timeout is None else timeout,
+                retries=False,
+                redirect=False,
+            )
+        except errors.NewConnectionError as exc:
+            # Checked first: urllib3 2.x makes it a subclass of ConnectTimeoutError.
+            raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
+        except errors.TimeoutError as exc:
+            raise DtmTimeout(f"{method} {url} timed out: {exc}") from exc
+        except (errors.HTTPError, OSError) as exc:
+            raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
+        content: bytes = r.data
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %d in %.1f ms (%d bytes)",
+                method,
+                url,
+                r.status,
+                (time.perf_counter() - started) * 1000,
+                len(content),
+            )
+        return Response(r.status, content)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.pool.clear()
+
+
+def default_transport(timeout: float = 10.0) -> Transport:
+    """The transport a DtmClient gets when none is given.
+
+    ``DTMCLI_TRANSPORT=requests`` or ``=urllib3`` chooses explicitly (tests that pin bodies with
+    the ``responses`` library need ``requests``). Otherwise urllib3, unless a proxy is configured
+    in the environment: then requests, which honours proxy variables and ``NO_PROXY``.
+    """
+    choice = os.environ.get("DTMCLI_TRANSPORT", "").strip().lower()
+    if choice not in ("", "requests", "urllib3"):
+        raise DtmInvalidInput(f"DTMCLI_TRANSPORT must be 'requests' or 'urllib3', not {choice!r}")
+    if choice == "requests" or (not choice and any(k.lower() != "no" for k in getproxies())):
+        return RequestsTransport(timeout=timeout)
+    return Urllib3Transport(timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from .errors import DtmInvalidInput
 _ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 # RFC 7230 token characters for header names.
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SPACE_RE = re.compile(r"\s")
 
 
 def check_gid(gid: Any) -> str:
@@ -45,14 +47,23 @@ def check_http_url(url: Any, what: str, *, gid: Optional[str] = None, allow_empt
         raise DtmInvalidInput(f"{what} must be a str URL, not {type(url).__name__}", gid=gid)
     if url == "" and allow_empty:
         return url
+    problem = _url_problem(url)
+    if problem:
+        raise DtmInvalidInput(f"{what} {url!r} {problem}", gid=gid)
+    return url
+
+
+@lru_cache(maxsize=1024)
+def _url_problem(url: str) -> str:
+    # Cached: branch and DTM URLs repeat on every transaction, and parsing is the costly part.
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise DtmInvalidInput(f"{what} {url!r} is not a valid URL: {exc}", gid=gid) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise DtmInvalidInput(f"{what} {url!r} must be an absolute http:// or https:// URL", gid=gid)
-    return url
+        return f"is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname or _SPACE_RE.search(url):
+        return "must be an absolute http:// or https:// URL"
+    return ""
 
 
 def check_non_negative_int(value: Any, name: str) -> int:

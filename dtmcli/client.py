@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
 
 import shortuuid
 
@@ -12,7 +12,7 @@ from ._consts import DEFAULT_DTM
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
-from ._transport import RequestsTransport, Transport
+from ._transport import Transport, default_transport
 from ._validate import check_gid, check_http_url, check_non_negative_int
 from .errors import DtmError, DtmInvalidInput, DtmServerError
 
@@ -21,6 +21,7 @@ __all__ = ["DtmClient", "new_gid", "local_gid", "DtmLike"]
 logger = logging.getLogger("dtmcli")
 
 _LOG_BODY = 512
+DEFAULT_RETRY = Retry()
 
 
 def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -39,8 +40,8 @@ class DtmClient:
     use when given a plain URL string. Pass ``transport=`` to plug in your own HTTP layer.
     """
 
-    _shared: dict[str, "DtmClient"] = {}
-    _shared_lock = threading.Lock()
+    _shared: ClassVar[dict[str, DtmClient]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -48,16 +49,16 @@ class DtmClient:
         *,
         timeout: float = 10.0,
         transport: Optional[Transport] = None,
-        retry: Retry = Retry(),
+        retry: Optional[Retry] = None,
     ) -> None:
         check_http_url(url, "DTM server URL")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.transport: Transport = transport if transport is not None else RequestsTransport(timeout=timeout)
-        self.retry = retry
+        self.transport: Transport = transport if transport is not None else default_transport(timeout)
+        self.retry = retry if retry is not None else DEFAULT_RETRY
 
     @classmethod
-    def for_url(cls, url: str) -> "DtmClient":
+    def for_url(cls, url: str) -> DtmClient:
         """The shared client for ``url`` (created on first use)."""
         key = url.rstrip("/")
         client = cls._shared.get(key)
@@ -71,7 +72,7 @@ class DtmClient:
     def __repr__(self) -> str:
         return f"DtmClient({self.url!r})"
 
-    def __enter__(self) -> "DtmClient":
+    def __enter__(self) -> DtmClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

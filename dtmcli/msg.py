@@ -40,14 +40,14 @@ class Msg(TransBase):
         self.query_prepared = ""
         self.delay: Optional[int] = None
 
-    def add(self, action: str, payload: Any) -> "Msg":
+    def add(self, action: str, payload: Any) -> Msg:
         """Append an action DTM calls (POST with ``payload``, or GET when it is ``""``)."""
         check_http_url(action, "msg action URL", gid=self.gid)
         self.payloads.append(encode_payload(payload, gid=self.gid))
         self.steps.append({"action": action})
         return self
 
-    def add_topic(self, topic: str, payload: Any) -> "Msg":
+    def add_topic(self, topic: str, payload: Any) -> Msg:
         """Append a step delivered to every URL subscribed to ``topic`` on DTM."""
         if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
             raise DtmInvalidInput(f"topic {topic!r} must be 1-128 letters, digits or _.:-", gid=self.gid)
@@ -55,12 +55,12 @@ class Msg(TransBase):
         self.steps.append({"action": f"topic://{topic}"})
         return self
 
-    def set_delay(self, seconds: int) -> "Msg":
+    def set_delay(self, seconds: int) -> Msg:
         """Let DTM wait this many seconds after submit before the first action."""
         self.delay = check_non_negative_int(seconds, "delay")
         return self
 
-    def enable_concurrent(self) -> "Msg":
+    def enable_concurrent(self) -> Msg:
         """Run the actions in parallel instead of one after another."""
         self.concurrent = True
         return self
@@ -143,6 +143,15 @@ class Msg(TransBase):
         return result
 
     do_and_submit = prepare_and_submit
+
+    def do_and_submit_db(self, query_prepared: str, conn: Any, busi_call: Callable[[Any], R]) -> Optional[R]:
+        """:meth:`prepare_and_submit` with the local work in a SQL barrier transaction (Go's ``DoAndSubmitDB``).
+
+        ``busi_call(conn)`` runs in one local transaction that also inserts the barrier row
+        (gid, 00, msg, 01), so :func:`dtmcli.barrier.query_prepared` can tell DTM whether it
+        committed. ``conn`` is anything :meth:`BranchBarrier.call_with_db` accepts.
+        """
+        return self.prepare_and_submit(query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call))
 
     def _abort_after(self, *, reason: Optional[str]) -> None:
         self._after_busi_error(lambda: self.abort(reason))

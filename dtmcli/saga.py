@@ -32,7 +32,7 @@ class Saga(TransBase):
         self.payloads: list[str] = []
         self.orders: dict[int, list[int]] = {}
 
-    def add(self, action: str, compensate: str, payload: Any) -> "Saga":
+    def add(self, action: str, compensate: str, payload: Any) -> Saga:
         """Append a step. ``compensate`` may be ``""`` (nothing to undo).
 
         ``payload`` is any JSON-serialisable value, or raw ``str``/``bytes`` sent as they are;
@@ -45,7 +45,7 @@ class Saga(TransBase):
         self.payloads.append(encoded)
         return self
 
-    def add_branch_order(self, branch: int, pre_branches: Sequence[int]) -> "Saga":
+    def add_branch_order(self, branch: int, pre_branches: Sequence[int]) -> Saga:
         """In a concurrent saga, run step ``branch`` only after every step in ``pre_branches`` (0-based)."""
         for index in (branch, *pre_branches):
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
@@ -55,7 +55,7 @@ class Saga(TransBase):
         self.orders.setdefault(branch, []).extend(p for p in pre_branches if p not in self.orders.get(branch, []))
         return self
 
-    def enable_concurrent(self) -> "Saga":
+    def enable_concurrent(self) -> Saga:
         """Run the steps concurrently, constrained only by ``add_branch_order``."""
         self.concurrent = True
         return self
@@ -67,7 +67,9 @@ class Saga(TransBase):
         for branch, pres in self.orders.items():
             for index in (branch, *pres):
                 if index >= n:
-                    raise DtmInvalidInput(f"saga branch order names step {index}, but there are {n} steps", gid=self.gid)
+                    raise DtmInvalidInput(
+                        f"saga branch order names step {index}, but there are {n} steps", gid=self.gid
+                    )
         # A cycle would leave the saga waiting forever on DTM.
         state: dict[int, int] = {}
 

@@ -1,1 +1,21 @@
-"""Test helpers: the in-process DTM-compatible coordinator and the pytest plugin."""
+"""Test helpers: the in-process DTM-compatible coordinator and the pytest plugin.
+
+- :class:`DtmTestServer`: a DTM-compatible coordinator (HTTP API, saga/tcc/xa/msg processing,
+  retries on a manual or real clock, memory or SQLite state). A development and test tool, never a
+  production server. ``python -m dtmcli.testing`` runs it from the command line.
+- :class:`BranchService`: scripted HTTP branch services that record the calls they receive.
+- :class:`DtmFacade`: the ``dtm`` fixture's interface, in process or against a real server.
+
+Differences from DTM v1.19.0 (deliberate): resubmitting a ``submitted`` transaction runs one more
+pass over the stored state (DTM re-runs branches rebuilt from the request, re-calling succeeded
+saga actions and marking tcc/xa succeed without confirm); workflow, gRPC, JSON-RPC and ``topic://``
+steps are not supported (clear 500 errors); a saga pass waits for every branch call it sent (bounded
+by the request timeout) instead of leaving after ``RequestTimeout+2`` s; saga/msg ``custom_data`` is
+checked at submit (DTM stores it and fails later); ``resetNextCronTime`` works (boltdb ignores it).
+"""
+
+from .branch_service import Answer, BranchService, Call
+from .facade import DtmFacade
+from .server import DtmTestServer
+
+__all__ = ["Answer", "BranchService", "Call", "DtmFacade", "DtmTestServer"]

@@ -1,0 +1,415 @@
+"""Branch-side helpers: what a business service needs to answer DTM's calls.
+
+* :class:`BranchInfo` is the identity of one branch call (``gid``, ``trans_type``, ``branch_id``,
+  ``op``, and ``dtm`` / ``phase2_url`` on client-originated calls), parsed and validated from a
+  query string. Bad input raises :class:`BranchRequestError` (answered 400), never a guess.
+* :func:`success_response` / :func:`error_response` map an outcome to an HTTP status and a JSON
+  body (protocol.md §0, §4); :func:`handle` runs a handler and does both. They are pure and
+  framework-neutral: ``dtmcli.contrib.flask``, ``.fastapi`` and ``.django`` (and the barrier
+  decorators) all reuse them.
+
+Framework integrations pass the parsed :class:`BranchInfo` to the handler as the keyword argument
+``info``; a decorator placed between the integration and the handler (such as the barrier's) can
+rely on finding it there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Optional
+
+from ._consts import (
+    MSG,
+    OP_ACTION,
+    OP_CANCEL,
+    OP_COMMIT,
+    OP_COMPENSATE,
+    OP_CONFIRM,
+    OP_MSG,
+    OP_ROLLBACK,
+    OP_TRY,
+    RESULT_FAILURE,
+    RESULT_ONGOING,
+    RESULT_SUCCESS,
+    SAGA,
+    TCC,
+    WORKFLOW,
+    XA,
+)
+from ._protocol import dumps
+from ._validate import check_branch_id, check_gid, check_http_url
+from .barrier import BranchBarrier
+from .errors import DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput, DtmOngoing
+
+__all__ = [
+    "BranchInfo",
+    "BranchRequestError",
+    "BranchResponse",
+    "SUCCESS",
+    "failure_allowed",
+    "query_of",
+    "load_payload",
+    "success_response",
+    "error_response",
+    "handle",
+    "handle_async",
+    "handle_query",
+]
+
+logger = logging.getLogger("dtmcli")
+
+#: The body of a plain success answer.
+SUCCESS: Mapping[str, str] = {"dtm_result": RESULT_SUCCESS}
+
+# The ops DTM (or a client) calls for each transaction type; workflow ops are free-form because
+# its resume callback is called with op=<workflow name> (protocol.md §5, §12).
+_OPS: Mapping[str, frozenset[str]] = {
+    SAGA: frozenset({OP_ACTION, OP_COMPENSATE}),
+    TCC: frozenset({OP_TRY, OP_CONFIRM, OP_CANCEL}),
+    XA: frozenset({OP_ACTION, OP_COMMIT, OP_ROLLBACK}),
+    MSG: frozenset({OP_ACTION, OP_MSG}),
+}
+_MAX_OP_LEN = 128
+_FIELDS = ("gid", "trans_type", "branch_id", "op")
+
+
+class BranchRequestError(DtmInvalidInput):
+    """The request is not a valid DTM branch call (missing or malformed field, bad body): HTTP 400."""
+
+    status = 400
+
+
+def failure_allowed(trans_type: str, op: str) -> bool:
+    """Whether answering FAILURE is meaningful for this op (protocol.md §4, §13.3).
+
+    Only a saga ``action``, a tcc ``try``, an xa ``action`` and the workflow's own calls (but not
+    its ``commit``/``rollback`` callbacks) may fail; DTM retries FAILURE anywhere else forever.
+    """
+    if trans_type in (SAGA, XA):
+        return op == OP_ACTION
+    if trans_type == TCC:
+        return op == OP_TRY
+    if trans_type == WORKFLOW:
+        return op not in (OP_COMMIT, OP_ROLLBACK)
+    return False
+
+
+def query_of(request: Any) -> Mapping[str, Any]:
+    """The query-string mapping of a Flask/Werkzeug, Starlette/FastAPI or Django request.
+
+    A plain mapping is returned as it is.
+    """
+    # Attributes first: a Starlette request is itself a Mapping (over its ASGI scope).
+    for attr in ("query_params", "GET", "args"):  # Starlette, Django, Werkzeug
+        query = getattr(request, attr, None)
+        if query is not None and hasattr(query, "get"):
+            return query  # type: ignore[no-any-return]
+    if isinstance(request, Mapping):
+        return request
+    raise BranchRequestError(f"cannot read a query string from a {type(request).__name__}")
+
+
+def _single(query: Mapping[str, Any], key: str) -> Optional[str]:
+    """One query value as a str; None when absent. Repeated or non-str values are rejected."""
+    getlist = getattr(query, "getlist", None)
+    if callable(getlist):
+        values = list(getlist(key))
+    else:
+        raw = query.get(key)
+        values = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BranchRequestError(f"query parameter {key!r} is given {len(values)} times")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BranchRequestError(f"query parameter {key!r} is not UTF-8") from None
+    if not isinstance(value, str):
+        raise BranchRequestError(f"query parameter {key!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """The identity of one branch call, as DTM (or a client) put it in the query string.
+
+    ``dtm`` and ``phase2_url`` are only present on client-originated calls (a TCC try, an XA
+    action); DTM's own callbacks never carry them (protocol.md §4, §13.6).
+    """
+
+    gid: str
+    trans_type: str
+    branch_id: str
+    op: str
+    dtm: Optional[str] = None
+    phase2_url: Optional[str] = None
+    _barrier: list[BranchBarrier] = field(default_factory=list, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        gid = self.gid
+        try:
+            check_gid(gid)
+            check_branch_id(self.branch_id, gid=gid)
+        except BranchRequestError:
+            raise
+        except DtmInvalidInput as exc:
+            raise BranchRequestError(exc.message, gid=exc.gid) from None
+        where = {"gid": gid, "branch_id": self.branch_id}
+        if self.trans_type not in _OPS and self.trans_type != WORKFLOW:
+            raise BranchRequestError(f"unknown trans_type {self.trans_type!r}", **where)
+        ops = _OPS.get(self.trans_type)
+        op = self.op
+        if not isinstance(op, str) or not op:
+            raise BranchRequestError("op must be a non-empty str", **where)
+        if ops is not None and op not in ops:
+            raise BranchRequestError(
+                f"unknown op {op[:40]!r} for a {self.trans_type} branch (expected one of {', '.join(sorted(ops))})",
+                **where,
+            )
+        if len(op) > _MAX_OP_LEN or not op.isprintable():
+            raise BranchRequestError(f"op {op[:40]!r} must be at most {_MAX_OP_LEN} printable characters", **where)
+        for name in ("dtm", "phase2_url"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    check_http_url(value, name, gid=gid)
+                except DtmInvalidInput as exc:
+                    raise BranchRequestError(exc.message, gid=gid, branch_id=self.branch_id, op=op) from None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, Any]) -> BranchInfo:
+        """Parse and validate a query mapping (a dict, or a framework's multi-dict).
+
+        Raises :class:`BranchRequestError` when ``gid``, ``trans_type``, ``branch_id`` or ``op`` is
+        missing or malformed, a parameter is repeated, ``trans_type`` is unknown, ``op`` is not an
+        op of that type, or ``dtm`` / ``phase2_url`` is present but not an http(s) URL. An empty
+        ``dtm`` or ``phase2_url`` counts as absent.
+        """
+        if not isinstance(query, Mapping) and not hasattr(query, "get"):
+            raise BranchRequestError(f"expected a query mapping, not {type(query).__name__}")
+        values = {k: _single(query, k) for k in (*_FIELDS, "dtm", "phase2_url")}
+        missing = [k for k in _FIELDS if not values[k]]
+        if missing:
+            raise BranchRequestError(
+                f"not a DTM branch call: {', '.join(missing)} missing from the query", gid=values["gid"] or None
+            )
+        return cls(
+            gid=str(values["gid"]),
+            trans_type=str(values["trans_type"]),
+            branch_id=str(values["branch_id"]),
+            op=str(values["op"]),
+            dtm=values["dtm"] or None,
+            phase2_url=values["phase2_url"] or None,
+        )
+
+    @classmethod
+    def from_request(cls, request: Any) -> BranchInfo:
+        """Parse the query of a Flask, FastAPI/Starlette or Django request (or a plain mapping)."""
+        return cls.from_query(query_of(request))
+
+    @property
+    def failure_allowed(self) -> bool:
+        """Whether this op may answer FAILURE (see :func:`failure_allowed`)."""
+        return failure_allowed(self.trans_type, self.op)
+
+    def require_dtm(self) -> str:
+        """The ``dtm`` URL; BranchRequestError when the caller did not send it (e.g. a DTM callback)."""
+        if not self.dtm:
+            raise BranchRequestError(
+                "this call has no 'dtm' in its query: only client-originated calls (tcc try, xa action) carry it",
+                **self._where(),
+            )
+        return self.dtm
+
+    def require_phase2_url(self) -> str:
+        """The ``phase2_url`` of an XA action; BranchRequestError when absent."""
+        if not self.phase2_url:
+            raise BranchRequestError(
+                "this call has no 'phase2_url' in its query (only xa actions carry it)", **self._where()
+            )
+        return self.phase2_url
+
+    def barrier(self) -> BranchBarrier:
+        """The sub-transaction barrier of this call (one per BranchInfo, so barrier ids keep counting)."""
+        if not self._barrier:
+            self._barrier.append(BranchBarrier(self.trans_type, self.gid, self.branch_id, self.op))
+        return self._barrier[0]
+
+    def query(self) -> dict[str, str]:
+        """The query parameters this info was parsed from (without absent ones)."""
+        out = {k: getattr(self, k) for k in _FIELDS}
+        for k in ("dtm", "phase2_url"):
+            if getattr(self, k):
+                out[k] = getattr(self, k)
+        return out
+
+    def _where(self) -> dict[str, str]:
+        return {"gid": self.gid, "branch_id": self.branch_id, "op": self.op}
+
+
+def load_payload(raw: Any, info: Optional[BranchInfo] = None) -> Any:
+    """Decode a branch request body: ``None`` when empty, else its JSON value.
+
+    Bodies that are not UTF-8 JSON raise :class:`BranchRequestError` (answered 400).
+    """
+    where = info._where() if info is not None else {}
+    if raw is None:
+        return None
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BranchRequestError("the request body is not UTF-8", **where) from None
+    if not isinstance(raw, str):
+        raise BranchRequestError(f"the request body must be bytes or str, not {type(raw).__name__}", **where)
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BranchRequestError(f"the request body is not JSON: {exc}", **where) from None
+
+
+@dataclass(frozen=True)
+class BranchResponse:
+    """What a branch handler answers: an HTTP status and a JSON object body."""
+
+    status: int
+    body: Mapping[str, Any]
+
+    @property
+    def content(self) -> bytes:
+        """The body as compact UTF-8 JSON."""
+        return dumps(self.body)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers to send (just the content type)."""
+        return {"Content-Type": "application/json"}
+
+
+def _scrub(text: str, *words: str) -> str:
+    # DTM reads the words FAILURE/ONGOING anywhere in a body (protocol.md §4); our own messages
+    # must not change the meaning of the status code they go with.
+    for word in words:
+        text = text.replace(word, word.lower())
+    return text
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, DtmError):
+        return exc.message
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _server_error(message: str) -> BranchResponse:
+    return BranchResponse(500, {"message": _scrub(message, RESULT_FAILURE, RESULT_ONGOING)})
+
+
+def success_response(value: Any = None, info: Optional[BranchInfo] = None) -> BranchResponse:
+    """200 ``{"dtm_result":"SUCCESS"}``, merged with ``value`` when the handler returned a mapping.
+
+    Any other non-``None`` value is sent under ``"data"``. A value that is not JSON-serialisable, or
+    whose JSON contains the words FAILURE or ONGOING (DTM would misread the 200, protocol.md §4),
+    is a handler bug: it is logged and answered 500.
+    """
+    if value is None:
+        return BranchResponse(200, dict(SUCCESS))
+    body: dict[str, Any] = dict(SUCCESS)
+    if isinstance(value, Mapping):
+        body.update(value)
+        body["dtm_result"] = RESULT_SUCCESS
+    else:
+        body["data"] = value
+    where = info._where() if info is not None else {}
+    try:
+        text = dumps(body).decode()
+    except (TypeError, ValueError) as exc:
+        logger.error("branch handler result is not JSON-serialisable (%s): %s", where, exc)
+        return _server_error(f"handler result is not JSON-serialisable: {exc}")
+    if RESULT_FAILURE in text or RESULT_ONGOING in text:
+        logger.error(
+            "branch handler result contains FAILURE/ONGOING, which DTM would misread; answering 500 (%s)", where
+        )
+        return _server_error("handler result contains a reserved word DTM reads as a result")
+    return BranchResponse(200, body)
+
+
+def error_response(exc: BaseException, info: Optional[BranchInfo] = None) -> BranchResponse:
+    """Map an exception raised by a branch handler to its answer.
+
+    * :class:`DtmDuplicated` → 200 SUCCESS (the work was already done);
+    * :class:`DtmFailure` → 409 ``{"dtm_result":"FAILURE","message":...}`` where FAILURE is allowed
+      (see :func:`failure_allowed`); on any other op it is a handler bug DTM would retry forever,
+      so it is logged as an error and answered 500;
+    * :class:`DtmOngoing` → 425 ``{"dtm_result":"ONGOING","message":...}``;
+    * :class:`BranchRequestError` → 400 ``{"message":...}``;
+    * anything else → 500 ``{"message":...}`` (DTM retries with backoff).
+    """
+    message = _message(exc)
+    if isinstance(exc, DtmDuplicated):
+        return BranchResponse(200, dict(SUCCESS))
+    if isinstance(exc, DtmFailure):
+        if info is None or info.failure_allowed:
+            return BranchResponse(409, {"dtm_result": RESULT_FAILURE, "message": _scrub(message, RESULT_ONGOING)})
+        logger.error(
+            "branch handler raised DtmFailure on gid=%s branch_id=%s op=%s (%s): DTM accepts FAILURE only "
+            "from a saga action, tcc try or xa action and would retry this forever; answering 500: %s",
+            info.gid,
+            info.branch_id,
+            info.op,
+            info.trans_type,
+            message,
+        )
+        return _server_error(f"FAILURE is not allowed for op {info.op}: {message}")
+    if isinstance(exc, DtmOngoing):
+        return BranchResponse(425, {"dtm_result": RESULT_ONGOING, "message": message})
+    if isinstance(exc, BranchRequestError):
+        logger.warning("bad DTM branch request: %s", exc)
+        return BranchResponse(400, {"message": _scrub(message, RESULT_FAILURE, RESULT_ONGOING)})
+    where = info._where() if info is not None else {}
+    logger.error("branch handler error (%s): %s", where, message, exc_info=exc)
+    return _server_error(message)
+
+
+def handle(info: BranchInfo, func: Callable[[], Any]) -> BranchResponse:
+    """Run ``func()`` for the branch call ``info`` and map its result or exception to an answer.
+
+    This is the framework-neutral core every integration (and the barrier decorator) calls.
+    Only :class:`Exception` is mapped; ``KeyboardInterrupt`` and the like propagate.
+    """
+    try:
+        value = func()
+    except Exception as exc:
+        return error_response(exc, info)
+    return success_response(value, info)
+
+
+async def handle_async(info: BranchInfo, func: Callable[[], Awaitable[Any]]) -> BranchResponse:
+    """:func:`handle` for a coroutine function."""
+    try:
+        value = await func()
+    except Exception as exc:
+        return error_response(exc, info)
+    return success_response(value, info)
+
+
+def handle_query(query: Any, func: Callable[[BranchInfo], Any]) -> BranchResponse:
+    """Parse ``query`` (a mapping or a framework request), then :func:`handle` ``func(info)``.
+
+    A malformed query answers 400 without calling ``func``.
+    """
+    try:
+        info = BranchInfo.from_request(query)
+    except BranchRequestError as exc:
+        return error_response(exc)
+    return handle(info, lambda: func(info))

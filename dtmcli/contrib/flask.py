@@ -1,0 +1,67 @@
+"""Flask integration for branch handlers.
+
+>>> @app.post("/TransOutTry")
+... @branch_handler
+... def trans_out_try(info: BranchInfo):
+...     body = branch_payload(info)
+...     ...                      # raise DtmFailure("insufficient balance") to fail the try
+...
+A handler returns ``None`` (200 ``{"dtm_result":"SUCCESS"}``), a dict (merged into that body) or
+its own Flask response; exceptions are mapped by :func:`dtmcli.branch.error_response`.
+:func:`register_error_handlers` maps dtmcli errors raised by undecorated views the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Union
+
+import flask
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from ..branch import BranchInfo, BranchRequestError, BranchResponse, error_response, load_payload
+from ..errors import DtmError
+from ._common import run_handler
+
+__all__ = ["branch_handler", "branch_payload", "as_response", "register_error_handlers"]
+
+
+def as_response(answer: BranchResponse) -> flask.Response:
+    """A Flask JSON response for a mapped answer."""
+    return flask.Response(answer.content, status=answer.status, mimetype="application/json")
+
+
+def branch_handler(func: Callable[..., Any]) -> Callable[..., WerkzeugResponse]:
+    """Decorate a Flask view as a DTM branch handler; it is called with ``info=BranchInfo``.
+
+    A request whose query is not a valid branch call is answered 400 without calling the view.
+    """
+
+    @functools.wraps(func)
+    def view(*args: Any, **kwargs: Any) -> WerkzeugResponse:
+        try:
+            info = BranchInfo.from_request(flask.request)
+        except BranchRequestError as exc:
+            return as_response(error_response(exc))
+        answer, native = run_handler(info, lambda: func(*args, info=info, **kwargs), WerkzeugResponse)
+        return native if native is not None else as_response(answer)
+
+    return view
+
+
+def branch_payload(info: Union[BranchInfo, None] = None) -> Any:
+    """The current request's JSON body (``None`` when empty); BranchRequestError (400) when not JSON."""
+    return load_payload(flask.request.get_data(cache=True), info)
+
+
+def register_error_handlers(app: Union[flask.Flask, flask.Blueprint]) -> None:
+    """Answer every :class:`~dtmcli.errors.DtmError` escaping a view of ``app`` (or blueprint) as DTM expects."""
+
+    def on_dtm_error(exc: DtmError) -> WerkzeugResponse:
+        try:
+            info = BranchInfo.from_request(flask.request)
+        except BranchRequestError:
+            info = None
+        return as_response(error_response(exc, info))
+
+    app.register_error_handler(DtmError, on_dtm_error)

@@ -1,0 +1,152 @@
+"""Fixtures for the barrier tests: real MariaDB / PostgreSQL / Redis connections and a balance table.
+
+Every test uses fresh gids (``dtmcli.local_gid()``), so the suite can run again and again on the
+same databases; the barrier schema is created idempotently once per session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+from services import MYSQL, POSTGRES, REDIS, require
+
+from dtmcli.barrier import create_schema
+
+BALANCE_TABLE = "dtmcli_barrier_balance"
+EFFECT_TABLE = "dtmcli_barrier_effect"
+
+SQL_DRIVERS = ("pymysql", "psycopg2", "psycopg")
+
+
+def mysql_connect() -> Any:
+    import pymysql
+
+    return pymysql.connect(
+        host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
+        database=MYSQL["database"], autocommit=False,
+    )
+
+
+def psycopg2_connect() -> Any:
+    import psycopg2
+
+    return psycopg2.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
+                            dbname=POSTGRES["dbname"])
+
+
+def psycopg_connect() -> Any:
+    import psycopg
+
+    return psycopg.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
+                           dbname=POSTGRES["dbname"])
+
+
+CONNECT: dict[str, Callable[[], Any]] = {
+    "pymysql": mysql_connect, "psycopg2": psycopg2_connect, "psycopg": psycopg_connect,
+}
+SERVICE = {"pymysql": "mysql", "psycopg2": "postgres", "psycopg": "postgres"}
+
+_prepared: set[str] = set()
+
+
+def _prepare(service: str) -> None:
+    """Create the barrier schema and the test tables once per service (idempotent)."""
+    if service in _prepared:
+        return
+    conn = mysql_connect() if service == "mysql" else psycopg2_connect()
+    try:
+        create_schema(conn)
+        create_schema(conn)  # idempotent
+        cur = conn.cursor()
+        cur.execute(
+            f"create table if not exists {BALANCE_TABLE} (user_id varchar(128) primary key, balance int not null)"
+        )
+        cur.execute(
+            f"create table if not exists {EFFECT_TABLE} (gid varchar(128) not null, op varchar(45) not null, "
+            "note varchar(64) not null default '')"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    _prepared.add(service)
+
+
+@pytest.fixture(params=SQL_DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """Each SQL test runs with PyMySQL (MariaDB), psycopg2 and psycopg 3 (PostgreSQL)."""
+    name = str(request.param)
+    require(SERVICE[name])
+    _prepare(SERVICE[name])
+    return name
+
+
+@pytest.fixture
+def connect(driver: str) -> Iterator[Callable[[], Any]]:
+    """A factory of new connections for the current driver; all are closed after the test."""
+    opened: list[Any] = []
+
+    def make() -> Any:
+        conn = CONNECT[driver]()
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        try:
+            conn.close()
+        except Exception as exc:  # a connection the test killed on purpose cannot close cleanly
+            print(f"closing a test connection failed: {exc}")
+
+
+@pytest.fixture
+def conn(connect: Callable[[], Any]) -> Any:
+    """One connection of the current driver."""
+    return connect()
+
+
+@pytest.fixture
+def mysql_ready() -> None:
+    """MariaDB is up and has the barrier schema."""
+    require("mysql")
+    _prepare("mysql")
+
+
+@pytest.fixture
+def postgres_ready() -> None:
+    """PostgreSQL is up and has the barrier schema."""
+    require("postgres")
+    _prepare("postgres")
+
+
+@pytest.fixture
+def redis_client() -> Iterator[Any]:
+    """A Redis client on the test server."""
+    require("redis")
+    import redis
+
+    client = redis.Redis(host=REDIS["host"], port=REDIS["port"])
+    yield client
+    client.close()
+
+
+def query_all(conn: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run a read on ``conn`` and end its transaction."""
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, params)
+        rows = [tuple(r) for r in cur.fetchall()]
+    finally:
+        cur.close()
+    conn.rollback()
+    return rows
+
+
+def execute(conn: Any, sql: str, params: tuple[Any, ...] = ()) -> int:
+    """Run one statement on ``conn`` and return ``cursor.rowcount`` (no commit)."""
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, params)
+        return int(cur.rowcount)
+    finally:
+        cur.close()
