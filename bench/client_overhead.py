@@ -82,13 +82,16 @@ def main() -> None:
                 f"{med(workload, impl, k):8.0f}" for k in ("mean_us", "p50_us", "p99_us", "cpu_us")))
     print("\nratios (mean wall time; cpu in brackets)")
     for workload in args.workloads.split(","):
-        def ratio(a: str, b: str, key: str) -> float:
+        def ratio(a: str, b: str, key: str, workload: str = workload) -> float:
             return med(workload, a, key) / med(workload, b, key)
-        print(f"{workload:8} dtmcli/raw-requests {ratio('new', 'raw', 'mean_us'):5.2f}x ({ratio('new', 'raw', 'cpu_us'):.2f}x)"
-              f"  dtmcli/http.client {ratio('new', 'httpclient', 'mean_us'):5.2f}x "
-              f"({ratio('new', 'httpclient', 'cpu_us'):.2f}x)"
-              f"  1.7.7.0/dtmcli {ratio('old', 'new', 'mean_us'):5.2f}x ({ratio('old', 'new', 'cpu_us'):.2f}x)")
 
+        print(
+            f"{workload:8} dtmcli/raw-requests {ratio('new', 'raw', 'mean_us'):5.2f}x "
+            f"({ratio('new', 'raw', 'cpu_us'):.2f}x)"
+            f"  dtmcli/http.client {ratio('new', 'httpclient', 'mean_us'):5.2f}x "
+            f"({ratio('new', 'httpclient', 'cpu_us'):.2f}x)"
+            f"  1.7.7.0/dtmcli {ratio('old', 'new', 'mean_us'):5.2f}x ({ratio('old', 'new', 'cpu_us'):.2f}x)"
+        )
 
 if __name__ == "__main__":
     main()
