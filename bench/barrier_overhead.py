@@ -31,8 +31,9 @@ def fresh_barrier() -> BranchBarrier:
 Op = Callable[[Any, int], None]
 
 
-def sql_ops(placeholder: str) -> tuple[Op, Op]:
+def sql_ops(placeholder: str) -> tuple[Op, Op, Op]:
     update = f"UPDATE bench_account SET balance = balance + 1 WHERE id = {placeholder}"
+    insert = f"INSERT INTO bench_log (k) VALUES ({placeholder})"
 
     def bare(conn: Any, row: int) -> None:
         with conn.cursor() as cur:
@@ -46,13 +47,21 @@ def sql_ops(placeholder: str) -> tuple[Op, Op]:
 
         fresh_barrier().call(conn, busi)
 
-    return bare, with_barrier
+    def bare_plus_insert(conn: Any, row: int) -> None:
+        with conn.cursor() as cur:
+            cur.execute(insert, (f"k{next(_seq)}-{threading.get_ident()}",))
+            cur.execute(update, (row,))
+        conn.commit()
+
+    return bare, bare_plus_insert, with_barrier
 
 
 def setup_sql(connect: Callable[[], Any], rows: int) -> None:
     conn = connect()
     with conn.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS bench_account")
+        cur.execute("DROP TABLE IF EXISTS bench_log")
+        cur.execute("CREATE TABLE bench_log (k VARCHAR(128) PRIMARY KEY)")
         cur.execute("CREATE TABLE bench_account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
         for i in range(rows):
             cur.execute("INSERT INTO bench_account VALUES (%s, 0)" % int(i))  # noqa: UP031 - literal ints only
@@ -105,13 +114,18 @@ def backends() -> dict[str, Any]:
     def redis_bare(client: Any, row: int) -> None:
         client.incrby(f"bench:acct:{row}", 1)
 
+    def redis_bare_plus_trip(client: Any, row: int) -> None:
+        client.incrby(f"bench:acct:{row}", 1)
+        client.exists(f"bench:other:{row}")
+
     def redis_barrier(client: Any, row: int) -> None:
         fresh_barrier().redis_check_adjust_amount(client, f"bench:acct:{row}", 1, 60)
 
     return {
         "mysql": (my, *sql_ops("%s"), lambda n: setup_sql(my, n)),
         "postgres": (pg, *sql_ops("%s"), lambda n: setup_sql(pg, n)),
-        "redis": (rd, redis_bare, redis_barrier, lambda n: [rd().set(f"bench:acct:{i}", 10**9) for i in range(n)]),
+        "redis": (rd, redis_bare, redis_bare_plus_trip, redis_barrier,
+                  lambda n: [rd().set(f"bench:acct:{i}", 10**9) for i in range(n)]),
     }
 
 
@@ -122,15 +136,18 @@ def main() -> None:
     ap.add_argument("--threads", default="1,8")
     args = ap.parse_args()
     table = backends()
-    print(f"barrier overhead, {args.seconds:.0f} s per cell (ops/s; ratio = bare / barrier, i.e. cost multiple)")
-    print(f"{'backend':9} {'threads':>7} {'bare':>9} {'barrier':>9} {'ratio':>6}")
+    print(f"barrier overhead, {args.seconds:.0f} s per cell, ops/s. 'extra' = bare plus the statement the barrier")
+    print("adds (SQL: one INSERT into a uniquely keyed table; Redis: one more round trip). Ratios are cost multiples.")
+    print(f"{'backend':9} {'threads':>7} {'bare':>8} {'extra':>8} {'barrier':>8} "
+          f"{'barrier/bare':>13} {'barrier/extra':>14}")
     for name in args.backends.split(","):
-        connect, bare, with_barrier, setup = table[name]
+        connect, bare, extra, with_barrier, setup = table[name]
         setup(8)
         for threads in (int(t) for t in args.threads.split(",")):
             b = measure(threads, args.seconds, connect, bare)
+            e = measure(threads, args.seconds, connect, extra)
             w = measure(threads, args.seconds, connect, with_barrier)
-            print(f"{name:9} {threads:7d} {b:9.0f} {w:9.0f} {b / w:5.2f}x")
+            print(f"{name:9} {threads:7d} {b:8.0f} {e:8.0f} {w:8.0f} {b / w:12.2f}x {e / w:13.2f}x")
 
 
 if __name__ == "__main__":

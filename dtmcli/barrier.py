@@ -13,6 +13,7 @@ The DDL ships in ``dtmcli/sql/``; print it with ``python -m dtmcli.sql ddl mysql
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
@@ -29,6 +30,7 @@ from ._barrier.core import (
     decide,
     validate_table,
 )
+from ._barrier.decorator import barrier
 from ._barrier.redis import DEFAULT_EXPIRE as REDIS_DEFAULT_EXPIRE
 from ._barrier.xa import xa_handle_phase2, xa_local_transaction, xa_preflight
 from ._consts import MSG, MSG_BRANCH_ID, OP_MSG
@@ -43,6 +45,7 @@ __all__ = [
     "Decision",
     "ORIGIN_OP",
     "REDIS_DEFAULT_EXPIRE",
+    "barrier",
     "create_mongo_schema",
     "create_schema",
     "ddl",
@@ -59,6 +62,7 @@ __all__ = [
 R = TypeVar("R")
 
 _MAX_OP_LEN = 45
+_WORD_RE = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{_MAX_OP_LEN - 1}}}")
 
 
 class BranchBarrier:
@@ -77,7 +81,7 @@ class BranchBarrier:
         check_gid(gid)
         check_branch_id(branch_id, gid=gid)
         for name, value in (("trans_type", trans_type), ("op", op)):
-            if not isinstance(value, str) or not value or len(value) > _MAX_OP_LEN or not (value.isascii() and value.isidentifier()):
+            if not isinstance(value, str) or not _WORD_RE.fullmatch(value):
                 raise DtmInvalidInput(f"barrier {name} must be a short word, not {value!r}", gid=gid)
         self.trans_type = trans_type
         self.gid = gid

@@ -69,6 +69,15 @@ class DtmClient:
                     client = cls._shared[key] = cls(url)
         return client
 
+    @classmethod
+    def close_shared(cls, url: Optional[str] = None) -> None:
+        """Close and forget the shared client of ``url`` (every shared client when ``None``)."""
+        with cls._shared_lock:
+            keys = list(cls._shared) if url is None else [url.rstrip("/")]
+            clients = [cls._shared.pop(k) for k in keys if k in cls._shared]
+        for client in clients:
+            client.close()
+
     def __repr__(self) -> str:
         return f"DtmClient({self.url!r})"
 

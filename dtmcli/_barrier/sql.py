@@ -245,6 +245,8 @@ class _DbApiAdapter(_Adapter):
                 self._restore_autocommit = True
                 self.conn.autocommit = False
             return  # psycopg opens the transaction with the first statement
+        if self.driver == "pymysql" and not self.conn.get_autocommit():
+            return  # with autocommit off the first INSERT opens the transaction: no BEGIN round trip
         if hasattr(self.conn, "begin"):
             self.conn.begin()
 

@@ -20,6 +20,7 @@ from .sql import MYSQL, POSTGRES, _DbApiAdapter, adapt, insert_barrier, is_conne
 
 if TYPE_CHECKING:
     from ..branch import BranchInfo
+    from ..client import DtmLike
 
 __all__ = ["XA_BARRIER_ID", "xa_handle_phase2", "xa_local_transaction", "xa_preflight", "xid_of"]
 
@@ -122,18 +123,29 @@ def xa_local_transaction(
     conn: Any,
     busi: Callable[[Any], R],
     *,
-    dtm: Optional[str] = None,
+    dtm: Optional[DtmLike] = None,
     table: str = DEFAULT_TABLE,
     dialect: Optional[str] = None,
 ) -> R:
     """Run ``busi(conn)`` as the local XA transaction of an xa ``action`` call and prepare it.
 
     ``query`` is the request's BranchInfo or query mapping (it must carry ``dtm`` and
-    ``phase2_url``, or pass ``dtm``). ``conn`` is a dedicated DB-API connection without an open
-    transaction. Steps: start, barrier row (xa, gid, branch_id, action, 01), ``busi``,
-    registerBranch with DTM, end, prepare — or roll back on any error, which is re-raised.
-    A barrier row already present means phase 2 rolled this branch back: DtmFailure.
+    ``phase2_url``, or pass ``dtm``). ``conn`` is a zero-argument factory of DB-API connections
+    (preferred: the connection is opened for this call and closed afterwards, as the Go client
+    does) or a dedicated connection without an open transaction. On MySQL/MariaDB a prepared XA
+    transaction stays bound to its session until that session disconnects, so phase 2 from
+    another connection finds it only after the connection is closed: close a connection you pass.
+
+    Steps: start, barrier row (xa, gid, branch_id, action, 01), ``busi``, registerBranch with DTM,
+    end, prepare — or roll back on any error, which is re-raised. A barrier row already present
+    means phase 2 rolled this branch back first: DtmFailure, and ``busi`` does not run.
     """
+    if callable(conn) and not hasattr(conn, "cursor"):
+        owned = conn()
+        try:
+            return xa_local_transaction(query, owned, busi, dtm=dtm, table=table, dialect=dialect)
+        finally:
+            owned.close()
     from ..client import as_client
 
     info = _info(query)

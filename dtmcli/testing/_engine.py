@@ -451,7 +451,8 @@ class Engine:
             page = rows[:limit]
             more = len(rows) > limit
             body_out = [trans_json(r) for r in page]
-        return 200, {"transactions": body_out if body_out or not gid else None, "next_position": page[-1].gid if more and page else ""}
+        next_position = page[-1].gid if more and page else ""
+        return 200, {"transactions": body_out if body_out or not gid else None, "next_position": next_position}
 
     def _api_force_stop(self, query: Mapping[str, str], body: bytes) -> ApiResult:
         gid = _escape_gid(decode_trans(body)["gid"])

@@ -6,6 +6,7 @@ same databases; the barrier schema is created idempotently once per session.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -96,7 +97,7 @@ def connect(driver: str) -> Iterator[Callable[[], Any]]:
         try:
             conn.close()
         except Exception as exc:  # a connection the test killed on purpose cannot close cleanly
-            print(f"closing a test connection failed: {exc}")
+            logging.getLogger("tests").debug("closing a test connection failed: %s", exc)
 
 
 @pytest.fixture
@@ -150,3 +151,24 @@ def execute(conn: Any, sql: str, params: tuple[Any, ...] = ()) -> int:
         return int(cur.rowcount)
     finally:
         cur.close()
+
+
+@pytest.fixture
+def django_conn(postgres_ready: None) -> Iterator[Any]:
+    """A Django connection to the test PostgreSQL database (Django is configured once if needed)."""
+    import django
+    from django.conf import settings
+
+    alias = "dtmcli_barrier_pg"
+    db = {"ENGINE": "django.db.backends.postgresql", "NAME": POSTGRES["dbname"], "USER": POSTGRES["user"],
+          "HOST": POSTGRES["host"], "PORT": str(POSTGRES["port"])}
+    if not settings.configured:
+        settings.configure(DATABASES={"default": dict(db), alias: dict(db)}, USE_TZ=True)
+        django.setup()
+    from django.db import connections
+
+    if alias not in connections.settings:
+        connections.settings[alias] = connections.configure_settings({"default": dict(db), alias: db})[alias]
+    conn = connections[alias]
+    yield conn
+    conn.close()

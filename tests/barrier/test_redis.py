@@ -121,7 +121,8 @@ def test_raced_action_and_compensate(redis_client: Any) -> None:
         decisions: list[Decision] = []
         lock = threading.Lock()
 
-        def worker(op: str, gid: str = gid, key: str = key, start: threading.Barrier = start) -> None:
+        def worker(op: str, gid: str = gid, key: str = key, start: threading.Barrier = start,
+                   decisions: list[Decision] = decisions, lock: threading.Lock = lock) -> None:
             client = redis.Redis(host=redis_client.connection_pool.connection_kwargs["host"])
             start.wait()
             d = adjust(client, "saga", gid, op, key)

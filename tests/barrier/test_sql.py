@@ -390,3 +390,14 @@ def test_dialect_detection_and_explicit_dialect(driver: str, conn: Any) -> None:
         barrier_sql.detect_dialect(object())
     with pytest.raises(DtmInvalidInput, match="unknown barrier dialect"):
         barrier_sql.normalize_dialect("oracle")
+
+
+def test_ddl_command_prints_the_shipped_ddl(capsys: pytest.CaptureFixture[str]) -> None:
+    from dtmcli.barrier import main
+
+    assert main(["ddl", "postgres"]) == 0
+    out = capsys.readouterr().out
+    assert "CONSTRAINT uniq_barrier UNIQUE (gid, branch_id, op, barrier_id)" in out
+    assert main(["ddl", "mysql", "--table", "x;drop"]) == 2
+    assert main(["ddl", "mongo"]) == 0
+    assert "unique: true" in capsys.readouterr().out

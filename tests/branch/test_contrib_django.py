@@ -5,30 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import django
 import pytest
+from django.http import HttpRequest, HttpResponse
+from django.test import Client, RequestFactory, override_settings
+from django.urls import path
 
-django = pytest.importorskip("django")
-
-from django.conf import settings  # noqa: E402
-
-if not settings.configured:
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="test",
-        ROOT_URLCONF=__name__,
-        ALLOWED_HOSTS=["testserver"],
-        MIDDLEWARE=["django.middleware.csrf.CsrfViewMiddleware"],
-        INSTALLED_APPS=[],
-        DATABASES={},
-    )
-    django.setup()
-
-from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test import Client, RequestFactory, override_settings  # noqa: E402
-from django.urls import path  # noqa: E402
-
-from dtmcli import BranchInfo, DtmFailure, DtmOngoing  # noqa: E402
-from dtmcli.contrib.django import branch_handler, branch_payload  # noqa: E402
+from dtmcli import BranchInfo, DtmFailure, DtmOngoing
+from dtmcli.contrib.django import branch_handler, branch_payload
 
 SEEN: list[Any] = []
 
@@ -57,8 +41,21 @@ def _clear() -> None:
 
 @pytest.fixture(autouse=True)
 def _settings() -> Any:
-    # Another test module may have configured Django first; these are the settings this one needs.
-    with override_settings(ROOT_URLCONF=__name__, MIDDLEWARE=["django.middleware.csrf.CsrfViewMiddleware"]):
+    # Configure Django only at test time, and only if no other test module did (settings are
+    # process-wide); then override just what these tests need.
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(
+            SECRET_KEY="test",
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        )
+        django.setup()
+    with override_settings(
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=["django.middleware.csrf.CsrfViewMiddleware"],
+        ALLOWED_HOSTS=["testserver"],
+    ):
         yield
 
 

@@ -39,7 +39,8 @@ def test_strict_types_rejected_and_nothing_stored(api: Any, branch_service: Bran
     cases = [
         ({**good, "custom_data": {"concurrent": True}},
          "json: cannot unmarshal object into Go struct field TransGlobal.custom_data of type string"),
-        ({**good, "payloads": [{"amount": 1}]}, "json: cannot unmarshal object into TransGlobal.payloads.0 of type string"),
+        ({**good, "payloads": [{"amount": 1}]},
+         "json: cannot unmarshal object into TransGlobal.payloads.0 of type string"),
         ({**good, "steps": [{"action": branch_service.url("/a"), "n": 1}]},
          "json: cannot unmarshal number into Go struct field TransGlobal.steps.0.n of type string"),
         ({**good, "wait_result": "true"},
@@ -67,7 +68,8 @@ def test_register_branch_rules(api: Any, branch_service: BranchService) -> None:
     assert api.post("registerTccBranch", reg).status_code == 200
     dup = api.post("registerBranch", reg)
     assert (dup.status_code, dup.json()) == (500, {"message": "storage: UniqueKeyConflict"})
-    xa = api.post("registerXaBranch", {"gid": "T", "trans_type": "xa", "branch_id": "01", "url": branch_service.url("/xa")})
+    xa_reg = {"gid": "T", "trans_type": "xa", "branch_id": "01", "url": branch_service.url("/xa")}
+    xa = api.post("registerXaBranch", xa_reg)
     assert xa.status_code == 200
     unknown = api.post("registerBranch", {**reg, "gid": "NOPE"})
     assert (unknown.status_code, unknown.json()) == (
@@ -89,7 +91,8 @@ def test_prepare_idempotent_and_status_rules(api: Any, branch_service: BranchSer
     abort = api.post("abort", {"gid": "S", "trans_type": "saga"})
     assert (abort.status_code, abort.json()["message"]) == (
         409, "trans type: 'saga' current status 'submitted', cannot abort. FAILURE")
-    assert api.post("abort", {"gid": "X", "trans_type": "tcc"}).json() == {"message": "no TransGlobal with gid: X found"}
+    unknown = api.post("abort", {"gid": "X", "trans_type": "tcc"})
+    assert unknown.json() == {"message": "no TransGlobal with gid: X found"}
     assert api.post("forceStop", {"gid": "X"}).status_code == 500
     assert api.post("forceStop", {"gid": "S"}).status_code == 200
     stop2 = api.post("forceStop", {"gid": "S"})
@@ -244,7 +247,8 @@ def test_concurrent_saga_orders(api: Any, branch_service: BranchService) -> None
 
 
 def test_unsupported_features_answer_clearly(api: Any, branch_service: BranchService) -> None:
-    topic = api.post("submit", {"gid": "TP", "trans_type": "msg", "steps": [{"action": "topic://t"}], "payloads": ["{}"]})
+    topic_msg = {"gid": "TP", "trans_type": "msg", "steps": [{"action": "topic://t"}], "payloads": ["{}"]}
+    topic = api.post("submit", topic_msg)
     assert topic.status_code == 500 and "topics are not supported" in topic.json()["message"]
     wf = api.post("prepareWorkflow", {"gid": "WF", "trans_type": "workflow"})
     assert wf.status_code == 500 and "not supported" in wf.json()["message"]

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import pytest
 import requests
+from traces import TRACES, load
 
 from dtmcli.testing import Answer, BranchService, DtmTestServer
-from traces import TRACES, load
 
 NAMES = sorted(
     p.stem for p in TRACES.glob("*.json") if not p.stem.startswith(("goclient_", "workflow_"))
@@ -52,7 +52,8 @@ def _answer(response: dict[str, Any]) -> Answer:
 
 def _callback(kind_event: dict[str, Any]) -> tuple[Any, ...]:
     r = kind_event["request"]
-    headers = tuple(sorted((k.lower(), v) for k, v in (r.get("headers") or {}).items() if k.lower() not in _SKIP_HEADERS))
+    pairs = (r.get("headers") or {}).items()
+    headers = tuple(sorted((k.lower(), v) for k, v in pairs if k.lower() not in _SKIP_HEADERS))
     return r["method"], r["path"], tuple(sorted(r["query"].items())), r["body"], headers
 
 

@@ -276,8 +276,11 @@ def test_force_stop_on_final_is_failure(dtm: DtmClient) -> None:
 
 
 def test_shared_client_per_address() -> None:
-    assert DtmClient.for_url(DTM) is DtmClient.for_url(DTM + "/")
-    assert Saga(DTM, "a").client is Saga(DTM, "b").client
+    first = DtmClient.for_url(DTM)
+    assert first is DtmClient.for_url(DTM + "/")
+    assert Saga(DTM, "a").client is Saga(DTM, "b").client is first
+    DtmClient.close_shared(DTM)
+    assert DtmClient.for_url(DTM) is not first
 
 
 def test_debug_log_redacts_branch_headers(dtm: DtmClient, caplog: pytest.LogCaptureFixture) -> None:
