@@ -13,6 +13,9 @@ from .barrier import BranchBarrier
 from .branch import BranchInfo, BranchRequestError, BranchResponse
 from .client import DtmClient, local_gid, new_gid
 from .errors import (
+    BarrierConflict,
+    BarrierDatabaseError,
+    DtmConnectError,
     DtmDuplicated,
     DtmError,
     DtmFailure,
@@ -31,6 +34,8 @@ from .xa import Xa, register_xa_branch, xa_global_transaction
 __version__ = "0.1.0"
 
 __all__ = [
+    "BarrierConflict",
+    "BarrierDatabaseError",
     "DEFAULT_DTM",
     "Branch",
     "BranchBarrier",
@@ -39,6 +44,7 @@ __all__ = [
     "BranchRequestError",
     "BranchResponse",
     "DtmClient",
+    "DtmConnectError",
     "DtmDuplicated",
     "DtmError",
     "DtmFailure",

@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Mapping, Optional, TypeVar
 
-from ._consts import DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
+from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
 from ._options import TransOptions
 from ._validate import check_gid
 from .client import DtmClient, DtmLike, as_client, local_gid
-from .errors import DtmFailure, DtmInProgress, DtmOngoing, DtmTransportError
+from .errors import (
+    DtmConnectError,
+    DtmFailure,
+    DtmInProgress,
+    DtmOngoing,
+    DtmServerError,
+    DtmTimeout,
+    DtmTransportError,
+)
 
 __all__ = ["TransBase"]
 
@@ -106,24 +114,29 @@ class TransBase:
         body = self.build_body()
         try:
             self.client.post("submit", body)
-        except (DtmFailure, DtmOngoing) as exc:
-            if not self.options.wait_result:
+        except (DtmFailure, DtmOngoing, DtmServerError, DtmTimeout) as exc:
+            # With wait_result, any answer but 200 only says "not succeeded after one pass": 409/425,
+            # and for tcc/xa/msg a branch's 500 or a slow pass passed through (protocol.md §6).
+            if not self.options.wait_result or (isinstance(exc, DtmServerError) and exc.status < 500):
+                if isinstance(exc, DtmTimeout) and recover:
+                    self._recover_submit(exc)
+                    return
                 raise
-            # With wait_result, 409/425 only says "not succeeded after one pass" (protocol.md §6).
             self._settle(exc)
-        except DtmTransportError:
+        except DtmTransportError as exc:
             if not recover:
                 raise
-            self._recover_submit()
+            self._recover_submit(exc)
 
     def _settle(self, cause: Exception) -> None:
-        """Ask /query what really happened after an inconclusive submit answer."""
+        """Ask /query what really happened after an inconclusive submit answer (never resubmits)."""
         trans = self.client.query(self.gid)
-        if trans is None:
-            raise cause
+        if trans is None or trans.status == PREPARED:
+            raise cause  # DTM has not (yet) taken the submit: nothing to settle
         if trans.status == SUCCEED:
             return
-        if trans.status == FAILED:
+        if trans.status in (FAILED, ABORTING):
+            # aborting only ever ends in failed: the outcome is decided.
             raise DtmFailure(trans.rollback_reason or str(cause), gid=self.gid) from cause
         raise DtmInProgress(
             f"{self.trans_type} {self.gid} is still {trans.status}; DTM keeps processing it, do not submit again",
@@ -131,14 +144,26 @@ class TransBase:
             gid=self.gid,
         ) from cause
 
-    def _recover_submit(self) -> None:
-        """After a submit whose answer was lost: submit again only if DTM never saw it."""
+    def _recover_submit(self, cause: DtmTransportError) -> None:
+        """After a submit that failed in transport: resend only when it certainly never left.
+
+        A refused connection proves nothing was sent, so one more submit is safe once /query
+        agrees. After a timeout or a reset the first request may still arrive, and a second
+        submit of a submitted transaction is not idempotent on DTM (protocol.md §2), so the
+        outcome is reported as unknown instead.
+        """
         trans = self.client.query(self.gid)
         if trans is None or trans.status == PREPARED:
-            logger.warning("dtm submit of %s %s was lost; submitting again", self.trans_type, self.gid)
+            if not isinstance(cause, DtmConnectError):
+                raise DtmTransportError(
+                    f"submit of {self.trans_type} {self.gid}: outcome unknown ({cause.message}); not resent, "
+                    "because the first request may still reach DTM; check with query()",
+                    gid=self.gid,
+                ) from cause
+            logger.warning("dtm submit of %s %s never left; submitting again", self.trans_type, self.gid)
             self._call_submit(recover=False)
             return
-        if trans.status == FAILED:
+        if trans.status in (FAILED, ABORTING):
             raise DtmFailure(trans.rollback_reason or f"{self.trans_type} {self.gid} failed", gid=self.gid)
         if self.options.wait_result and trans.status != SUCCEED:
             raise DtmInProgress(

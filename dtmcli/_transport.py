@@ -15,9 +15,10 @@ from urllib.request import getproxies
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 
 from ._protocol import Response
-from .errors import DtmInvalidInput, DtmTimeout, DtmTransportError
+from .errors import DtmConnectError, DtmInvalidInput, DtmTimeout, DtmTransportError
 
 __all__ = ["Transport", "RequestsTransport", "Urllib3Transport", "default_transport"]
 
@@ -101,6 +102,11 @@ class RequestsTransport:
             content = r.content
         except requests.Timeout as exc:
             raise DtmTimeout(f"{method} {url} timed out: {exc}") from exc
+        except requests.ConnectionError as exc:
+            reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+            if isinstance(reason, NewConnectionError):
+                raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
+            raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
         except requests.RequestException as exc:
             raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
         if logger.isEnabledFor(logging.DEBUG):
@@ -176,7 +182,7 @@ class Urllib3Transport:
             )
         except errors.NewConnectionError as exc:
             # Checked first: urllib3 2.x makes it a subclass of ConnectTimeoutError.
-            raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
+            raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
         except errors.TimeoutError as exc:
             raise DtmTimeout(f"{method} {url} timed out: {exc}") from exc
         except (errors.HTTPError, OSError) as exc:

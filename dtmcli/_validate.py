@@ -29,6 +29,21 @@ def check_gid(gid: Any) -> str:
     return gid
 
 
+def check_received_gid(gid: Any) -> str:
+    """Return a gid received from DTM if DTM itself could have stored it.
+
+    Looser than :func:`check_gid`: other SDKs and users create gids such as ``order:42``. Any
+    non-empty string of at most 128 characters without control characters or ``;`` (which DTM
+    strips) is accepted; it is only ever used as a bound SQL parameter or a key, never in SQL text.
+    XA, which quotes the gid into SQL, keeps the strict check.
+    """
+    if not isinstance(gid, str) or not gid:
+        raise DtmInvalidInput("gid must be a non-empty str")
+    if len(gid) > MAX_GID_LEN or ";" in gid or any(ord(c) < 32 or ord(c) == 127 for c in gid):
+        raise DtmInvalidInput(f"gid {gid[:40]!r} must be at most {MAX_GID_LEN} characters without control characters")
+    return gid
+
+
 def check_branch_id(branch_id: Any, *, gid: Optional[str] = None) -> str:
     """Return ``branch_id`` if it is a non-empty ``[A-Za-z0-9_-]`` string of at most 128 characters."""
     if not isinstance(branch_id, str) or not branch_id:

@@ -34,7 +34,7 @@ from ._barrier.decorator import barrier
 from ._barrier.redis import DEFAULT_EXPIRE as REDIS_DEFAULT_EXPIRE
 from ._barrier.xa import xa_handle_phase2, xa_local_transaction, xa_preflight
 from ._consts import MSG, MSG_BRANCH_ID, OP_MSG
-from ._validate import check_branch_id, check_gid
+from ._validate import check_branch_id, check_received_gid
 from .errors import DtmInvalidInput
 
 __all__ = [
@@ -78,7 +78,7 @@ class BranchBarrier:
     def __init__(
         self, trans_type: str, gid: str, branch_id: str, op: str, *, table: Optional[str] = None
     ) -> None:
-        check_gid(gid)
+        check_received_gid(gid)
         check_branch_id(branch_id, gid=gid)
         for name, value in (("trans_type", trans_type), ("op", op)):
             if not isinstance(value, str) or not _WORD_RE.fullmatch(value):

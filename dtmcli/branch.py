@@ -39,9 +39,9 @@ from ._consts import (
     XA,
 )
 from ._protocol import dumps
-from ._validate import check_branch_id, check_gid, check_http_url
+from ._validate import check_branch_id, check_http_url, check_received_gid
 from .barrier import BranchBarrier
-from .errors import DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput, DtmOngoing
+from .errors import BranchRequestError, DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput, DtmOngoing
 
 __all__ = [
     "BranchInfo",
@@ -75,18 +75,15 @@ _MAX_OP_LEN = 128
 _FIELDS = ("gid", "trans_type", "branch_id", "op")
 
 
-class BranchRequestError(DtmInvalidInput):
-    """The request is not a valid DTM branch call (missing or malformed field, bad body): HTTP 400."""
-
-    status = 400
-
-
 def failure_allowed(trans_type: str, op: str) -> bool:
     """Whether answering FAILURE is meaningful for this op (protocol.md §4, §13.3).
 
-    Only a saga ``action``, a tcc ``try``, an xa ``action`` and the workflow's own calls (but not
-    its ``commit``/``rollback`` callbacks) may fail; DTM retries FAILURE anywhere else forever.
+    Only a saga ``action``, a tcc ``try``, an xa ``action``, a msg's ``query_prepared`` (op ``msg``:
+    FAILURE there means "roll the message back") and the workflow's own calls (but not its
+    ``commit``/``rollback`` callbacks) may fail; DTM retries FAILURE anywhere else forever.
     """
+    if trans_type == MSG:
+        return op == OP_MSG
     if trans_type in (SAGA, XA):
         return op == OP_ACTION
     if trans_type == TCC:
@@ -156,7 +153,7 @@ class BranchInfo:
     def _validate(self) -> None:
         gid = self.gid
         try:
-            check_gid(gid)
+            check_received_gid(gid)
             check_branch_id(self.branch_id, gid=gid)
         except BranchRequestError:
             raise

@@ -22,6 +22,7 @@ logger = logging.getLogger("dtmcli")
 
 _LOG_BODY = 512
 DEFAULT_RETRY = Retry()
+MAX_SHARED_CLIENTS = 64
 
 
 def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -66,7 +67,13 @@ class DtmClient:
             with cls._shared_lock:
                 client = cls._shared.get(key)
                 if client is None:
-                    client = cls._shared[key] = cls(url)
+                    client = cls(url)
+                    # Nested TCC/XA take the URL from a request's query: never let that grow unbounded.
+                    if len(cls._shared) < MAX_SHARED_CLIENTS:
+                        cls._shared[key] = client
+                    else:
+                        logger.warning("more than %d DTM addresses in use; %s gets an unshared client",
+                                       MAX_SHARED_CLIENTS, key)
         return client
 
     @classmethod

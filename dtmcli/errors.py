@@ -4,13 +4,17 @@ Every error the SDK raises derives from :class:`DtmError`::
 
     DtmError
     ├── DtmInvalidInput      bad input, raised before anything is sent or written (also a ValueError)
+    │   └── BranchRequestError   a request is not a valid DTM branch call (answered 400)
     ├── DtmFailure           409 / FAILURE: the transaction or branch failed, roll back
     ├── DtmOngoing           425 / ONGOING: not finished yet, retry later
-    │   └── DtmInProgress    a wait_result submit came back before the transaction finished
+    │   ├── DtmInProgress    a wait_result submit came back before the transaction finished
+    │   └── BarrierConflict  lock wait / deadlock on the barrier rows (DTM retries)
     ├── DtmDuplicated        a barrier found this msg local transaction already done
     ├── DtmTransportError    the request may not have reached DTM or a branch (connection, timeout)
+    │   ├── DtmConnectError  no connection could be made: nothing was sent
     │   └── DtmTimeout
-    └── DtmServerError       DTM or a branch answered an unexpected status or body
+    ├── DtmServerError       DTM or a branch answered an unexpected status or body
+    └── BarrierDatabaseError the database failed during a barrier call (driver error is the cause)
 
 Errors carry the ``gid`` (and ``branch_id`` / ``op`` where known) of the transaction they concern.
 """
@@ -28,7 +32,11 @@ __all__ = [
     "DtmDuplicated",
     "DtmTransportError",
     "DtmTimeout",
+    "DtmConnectError",
     "DtmServerError",
+    "BranchRequestError",
+    "BarrierConflict",
+    "BarrierDatabaseError",
 ]
 
 
@@ -89,6 +97,10 @@ class DtmTransportError(DtmError):
     """
 
 
+class DtmConnectError(DtmTransportError):
+    """No connection could be made (refused, unreachable, DNS): the request was certainly not sent."""
+
+
 class DtmTimeout(DtmTransportError):
     """No answer within the configured timeout; the request may or may not have been processed."""
 
@@ -109,3 +121,22 @@ class DtmServerError(DtmError):
         super().__init__(message, gid=gid, branch_id=branch_id, op=op)
         self.status = status
         self.body = body
+
+
+class BranchRequestError(DtmInvalidInput):
+    """The request is not a valid DTM branch call (missing or malformed field, bad body): HTTP 400."""
+
+    status = 400
+
+
+class BarrierConflict(DtmOngoing):
+    """A lock wait timeout, deadlock or write conflict on the barrier rows: retry later (HTTP 425)."""
+
+
+class BarrierDatabaseError(DtmError):
+    """The database failed during a barrier call (connection lost, statement error, commit failed).
+
+    Nothing of the barrier call is committed unless the failure hit the commit itself, in which case
+    the outcome is unknown; either way DTM retries the branch and the barrier keeps it idempotent.
+    The driver's exception is the ``__cause__``.
+    """

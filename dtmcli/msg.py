@@ -103,7 +103,8 @@ class Msg(TransBase):
         url = query_prepared or self.query_prepared
         check_http_url(url, "query_prepared URL", gid=self.gid)
         params = client_branch_query(self.dtm, self.gid, MSG_BRANCH_ID, MSG, OP_MSG)
-        resp = self.client.transport.request("GET", url, params=params)
+        headers = self.options.branch_headers or None
+        resp = self.client.transport.request("GET", url, params=params, headers=headers)
         err = branch_error(resp, url=url, gid=self.gid, branch_id=MSG_BRANCH_ID, op=OP_MSG)
         if err is not None:
             raise err

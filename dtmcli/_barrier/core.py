@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Mapping, Optional
 
 from .._consts import OP_ACTION, OP_CANCEL, OP_COMPENSATE, OP_MSG, OP_ROLLBACK, OP_TRY
-from ..errors import DtmError, DtmInvalidInput, DtmOngoing
+from ..errors import BarrierConflict, BarrierDatabaseError, DtmInvalidInput
 
 __all__ = [
     "BarrierConflict",
@@ -38,19 +38,6 @@ REASON_ROLLBACK = "rollback"
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _TABLE_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})?")
-
-
-class BarrierDatabaseError(DtmError):
-    """The database failed during a barrier call (connection lost, statement error, commit failed).
-
-    Nothing of the barrier call is committed unless the failure hit the commit itself, in which case
-    the outcome is unknown; either way DTM retries the branch and the barrier keeps it idempotent.
-    The driver's exception is the ``__cause__``.
-    """
-
-
-class BarrierConflict(DtmOngoing):
-    """A lock wait timeout, deadlock or write conflict on the barrier rows: retry later (HTTP 425)."""
 
 
 class Decision(enum.Enum):

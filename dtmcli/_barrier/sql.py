@@ -247,8 +247,18 @@ class _DbApiAdapter(_Adapter):
             return  # psycopg opens the transaction with the first statement
         if self.driver == "pymysql" and not self.conn.get_autocommit():
             return  # with autocommit off the first INSERT opens the transaction: no BEGIN round trip
-        if hasattr(self.conn, "begin"):
+        # Open the transaction explicitly: with autocommit on, the barrier rows would otherwise commit
+        # on their own and a failed business call would leave them behind (every retry a "duplicate").
+        if hasattr(self.conn, "begin"):  # PyMySQL, MySQLdb
             self.conn.begin()
+        elif hasattr(self.conn, "start_transaction"):  # mysql-connector
+            self.conn.start_transaction()
+        else:
+            raise DtmInvalidInput(
+                f"cannot open a transaction on a {type(self.conn).__module__}.{type(self.conn).__name__} "
+                "connection: use PyMySQL, MySQLdb, mysql-connector, psycopg2 or psycopg, or a SQLAlchemy "
+                "Connection/Session"
+            )
 
     def _done(self) -> None:
         if self._restore_autocommit is not None:

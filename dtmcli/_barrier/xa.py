@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from .._consts import OP_ACTION, OP_COMMIT, OP_ROLLBACK, XA
 from .._validate import check_branch_id, check_gid
-from ..errors import DtmError, DtmFailure, DtmInvalidInput
+from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
 from .sql import MYSQL, POSTGRES, _DbApiAdapter, adapt, insert_barrier, is_connection_error, map_db_error
 
@@ -217,6 +217,14 @@ def xa_handle_phase2(
         except Exception as exc:
             if not any(word in str(exc) for word in _NOT_FOUND):
                 raise map_db_error(exc, f"xa {info.op}") from exc
+            if info.op == OP_COMMIT and _still_prepared(adapter, xid):
+                # MariaDB keeps a prepared XA attached to the session that prepared it until that
+                # session disconnects; answering success here would lose the committed work.
+                raise BarrierConflict(
+                    f"xa {xid} is prepared but held by another session (was the action's connection "
+                    "returned to a pool instead of closed?); DTM will retry the commit",
+                    gid=info.gid, branch_id=info.branch_id, op=info.op,
+                ) from exc
             logger.debug("xa %s: %s found nothing to do (%s)", xid, info.op, exc)
     if info.op == OP_ROLLBACK:
         try:
@@ -229,6 +237,18 @@ def xa_handle_phase2(
             except Exception as rb_exc:
                 logger.warning("xa %s: rollback of the barrier insert failed: %s", xid, rb_exc)
             raise map_db_error(exc, "xa rollback marker") from exc
+
+
+def _still_prepared(adapter: _DbApiAdapter, xid: str) -> bool:
+    """Whether ``xid`` is still listed as a prepared transaction on the server."""
+    with adapter.conn.cursor() as cur:
+        if adapter.dialect == POSTGRES:
+            cur.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (xid,))
+            return cur.fetchone() is not None
+        cur.execute("XA RECOVER")
+        rows = cur.fetchall()
+    wanted = xid.encode()
+    return any((row[3].encode() if isinstance(row[3], str) else bytes(row[3])) == wanted for row in rows)
 
 
 def xa_preflight(conn: Any, *, dialect: Optional[str] = None) -> None:

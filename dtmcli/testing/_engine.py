@@ -596,7 +596,10 @@ class Engine:
                 err = self._process_tcc_xa(p)
         except _Conflict:
             logger.info("%s changed status during a pass; pass stopped", rec.gid)
-            return _OK
+            if not report:
+                return _OK
+            # DTM's compare-and-set panics here; a waiting caller must not read it as success.
+            return 500, {"message": f"status of {rec.gid} changed during the pass, now {rec.status}"}
         except _ApiError as exc:
             logger.error("processing %s failed: %s", rec.gid, exc)
             return exc.status, exc.body

@@ -12,6 +12,7 @@ from conftest import BALANCE_TABLE, execute, query_all
 
 from dtmcli import DtmClient, DtmDuplicated, DtmFailure, Msg, local_gid
 from dtmcli.barrier import query_prepared
+from dtmcli.branch import handle_query
 
 DTM = "http://dtm.test/api/dtmsvr"
 QP = "http://busi.test/msg/qp"
@@ -26,10 +27,11 @@ def qp_callback(connect: Callable[[], Any]) -> Callable[[requests.PreparedReques
         query = {k: v[0] for k, v in parse_qs(urlsplit(request.url or "").query).items()}
         conn = connect()
         try:
-            query_prepared(query, conn)
-        except DtmFailure:
-            return 409, {}, json.dumps({"dtm_result": "FAILURE"})
-        return 200, {}, json.dumps({"dtm_result": "SUCCESS"})
+            # The real handler path: DtmFailure from query_prepared must become 409 (protocol.md §7).
+            answer = handle_query(query, lambda info: query_prepared(info.query(), conn))
+        finally:
+            conn.close()
+        return answer.status, {}, json.dumps(answer.body)
 
     return answer
 

@@ -334,12 +334,33 @@ INJECTIONS = ["x'; drop table dtm_barrier.barrier; --", "a\"b", "1 or 1=1", "a;b
 
 @pytest.mark.parametrize("bad", INJECTIONS)
 def test_injection_in_identity_is_rejected(bad: str) -> None:
-    for args in ((bad, "g1", "01", "action"), ("saga", bad, "01", "action"), ("saga", "g1", bad, "action"),
-                 ("saga", "g1", "01", bad)):
+    for args in ((bad, "g1", "01", "action"), ("saga", "g1", bad, "action"), ("saga", "g1", "01", bad)):
         with pytest.raises(DtmInvalidInput):
             BranchBarrier(*args)
+
+
+# gids DTM stores as they are (it strips only \n, \r and ;): other SDKs create such gids.
+ODD_GIDS = ["a\"b", "1 or 1=1", "é", "a b", "x'--", "o'brien) or ('1'='1"]
+BAD_GIDS = ["x'; drop table dtm_barrier.barrier; --", "a;b", "", "x" * 129, "new\nline", "nul\x00"]
+
+
+@pytest.mark.parametrize("bad", BAD_GIDS)
+def test_gids_dtm_could_not_store_are_rejected(bad: str) -> None:
+    with pytest.raises(DtmInvalidInput):
+        BranchBarrier("saga", bad, "01", "action")
     with pytest.raises(DtmInvalidInput):
         BranchBarrier.from_query({"trans_type": "saga", "gid": bad, "branch_id": "01", "op": "action"})
+
+
+@pytest.mark.parametrize("odd", ODD_GIDS)
+def test_odd_gids_are_stored_verbatim_never_executed(odd: str, conn: Any) -> None:
+    gid = f"{odd}-{local_gid()}"
+    ran: list[str] = []
+    BranchBarrier("saga", gid, "01", "action").call(conn, lambda tx: ran.append("busi"))
+    BranchBarrier("saga", gid, "01", "action").call(conn, lambda tx: ran.append("again"))  # duplicate
+    assert ran == ["busi"]
+    assert barrier_rows(conn, gid) == [("saga", "01", "action", "01", "action")]
+    conn.commit()
 
 
 @pytest.mark.parametrize("table", ["dtm_barrier.barrier; drop table x", "a.b.c", "a-b", "`x`", "x y", "", "1abc",
@@ -401,3 +422,35 @@ def test_ddl_command_prints_the_shipped_ddl(capsys: pytest.CaptureFixture[str]) 
     assert main(["ddl", "mysql", "--table", "x;drop"]) == 2
     assert main(["ddl", "mongo"]) == 0
     assert "unique: true" in capsys.readouterr().out
+
+
+def test_connection_that_cannot_open_a_transaction_is_refused() -> None:
+    """An unknown DB-API driver with autocommit would commit barrier rows alone: refuse, write nothing."""
+    from dtmcli import DtmInvalidInput
+    from dtmcli.barrier import BranchBarrier
+
+    class Cursor:
+        rowcount = 1
+
+        def execute(self, sql: str, params: Any = None) -> None:
+            raise AssertionError("nothing may be executed")
+
+        def close(self) -> None:
+            pass
+
+    class Conn:  # a DB-API connection with autocommit on and neither begin() nor start_transaction()
+        autocommit = True
+
+        def cursor(self) -> Cursor:
+            return Cursor()
+
+        def commit(self) -> None:
+            raise AssertionError("nothing may be committed")
+
+        def rollback(self) -> None:
+            pass
+
+    ran: list[int] = []
+    with pytest.raises(DtmInvalidInput, match="cannot open a transaction"):
+        BranchBarrier("saga", "gidx", "01", "action").call(Conn(), lambda c: ran.append(1), dialect="mysql")
+    assert ran == []

@@ -181,3 +181,27 @@ class _NoPreparedPg:
 def test_preflight_explains_max_prepared_transactions() -> None:
     with pytest.raises(BarrierDatabaseError, match="max_prepared_transactions"):
         xa_preflight(_NoPreparedPg(), dialect="postgres")
+
+
+def test_commit_while_another_session_holds_the_prepared_xa_is_retried_not_lost(
+    driver: str, connect: Callable[[], Any]
+) -> None:
+    """MariaDB keeps a prepared XA attached to its session until it disconnects; a commit from
+    another session then finds no xid. Answering success there would lose the branch's work."""
+    if driver != "pymysql":
+        pytest.skip("PostgreSQL prepared transactions are detached from their session")
+    from dtmcli import BarrierConflict
+
+    xa_conn, other = connect(), connect()
+    gid = local_gid()
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/registerBranch", json={"dtm_result": "SUCCESS"})
+        xa_local_transaction(action_query(gid), xa_conn, add_balance(gid, 7))
+    try:
+        with pytest.raises(BarrierConflict, match="held by another session"):
+            xa_handle_phase2(phase2_query(gid, "commit"), other)  # xa_conn still open: like a pooled connection
+        assert balances(other, gid) == []
+    finally:
+        xa_conn.close()
+    xa_handle_phase2(phase2_query(gid, "commit"), other)  # DTM's retry, once the session is gone
+    assert balances(other, gid) == [7]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import requests
 
+import dtmcli
 from dtmcli.testing import BranchService, Call, DtmTestServer
 
 
@@ -294,3 +296,26 @@ def test_xa_phase_two_is_post_with_empty_chunked_body(api: Any, branch_service: 
     assert [(c.method, c.branch_id, c.op, c.body) for c in calls] == [
         ("POST", "01", "commit", ""), ("POST", "02", "commit", "")]
     assert calls[0].headers.get("Transfer-Encoding") == "chunked"
+
+
+def test_wait_result_pass_interrupted_by_force_stop_is_not_success(
+    dtm_server: DtmTestServer, branch_service: BranchService
+) -> None:
+    """DTM's compare-and-set fails when the status changes under a pass; submit must not answer success."""
+    from dtmcli import DtmClient, DtmFailure
+    from dtmcli.tcc import tcc_global_transaction
+
+    client = DtmClient(dtm_server.url)
+    gid = dtmcli.local_gid()
+
+    def confirm(call: Any) -> int:
+        client.force_stop(gid)
+        return 200
+
+    svc = branch_service
+    with pytest.raises(DtmFailure):
+        with tcc_global_transaction(client, gid, wait_result=True) as tcc:
+            tcc.call_branch({"amount": 1}, svc.url("/try"), svc.route("/confirm", confirm), svc.url("/cancel"))
+    trans = dtm_server.query(gid)
+    assert trans is not None and trans.status == "failed"
+    client.close()

@@ -135,13 +135,19 @@ def _query_answer(status: str, reason: str = "") -> dict[str, Any]:
             "branches": []}
 
 
+def _refused() -> requests.ConnectionError:
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    return requests.ConnectionError(MaxRetryError(None, DTM, reason=NewConnectionError(None, "refused")))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("stored", "resubmits"),
     [(None, True), ("prepared", True), ("submitted", False), ("succeed", False)],
 )
-def test_submit_recover_checks_state_first(dtm: DtmClient, stored: Any, resubmits: bool) -> None:
+def test_submit_recover_resends_only_what_never_left(dtm: DtmClient, stored: Any, resubmits: bool) -> None:
     with responses.RequestsMock() as rsps:
-        rsps.post(f"{DTM}/submit", body=requests.ConnectionError("reset"))
+        rsps.post(f"{DTM}/submit", body=_refused())
         answer = {"transaction": None, "branches": []} if stored is None else _query_answer(stored)
         rsps.get(f"{DTM}/query", json=answer, match=[matchers.query_param_matcher({"gid": "G1"})])
         if resubmits:
@@ -149,6 +155,28 @@ def test_submit_recover_checks_state_first(dtm: DtmClient, stored: Any, resubmit
         Saga(dtm, "G1").add(f"{BUSI}/a", "", {}).submit(recover=True)
         submits = [c for c in rsps.calls if c.request.url.endswith("/submit")]
         assert len(submits) == (2 if resubmits else 1)
+
+
+@pytest.mark.parametrize("lost", [requests.ConnectionError("connection reset"), requests.ReadTimeout("read timed out")])
+@pytest.mark.parametrize("stored", [None, "prepared"])
+def test_submit_recover_never_resends_after_a_lost_answer(dtm: DtmClient, lost: Exception, stored: Any) -> None:
+    """After a reset or timeout the first submit may still arrive: a second one is not idempotent."""
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/submit", body=lost)
+        answer = {"transaction": None, "branches": []} if stored is None else _query_answer(stored)
+        rsps.get(f"{DTM}/query", json=answer)
+        with pytest.raises(DtmTransportError, match="outcome unknown"):
+            Saga(dtm, "G1").add(f"{BUSI}/a", "", {}).submit(recover=True)
+        assert len([c for c in rsps.calls if c.request.url.endswith("/submit")]) == 1
+
+
+def test_refused_connection_is_connect_error() -> None:
+    from dtmcli import DtmConnectError
+
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/submit", body=_refused())
+        with pytest.raises(DtmConnectError):
+            Saga(DtmClient(DTM), "G1").add(f"{BUSI}/a", "", {}).submit()
 
 
 def test_submit_recover_reports_failed(dtm: DtmClient) -> None:
@@ -196,6 +224,40 @@ def test_wait_result_409_but_still_submitted_is_in_progress(dtm: DtmClient) -> N
 def test_wait_result_425_settles_with_query(dtm: DtmClient) -> None:
     with responses.RequestsMock() as rsps:
         rsps.post(f"{DTM}/submit", status=425, json={"dtm_result": "ONGOING", "message": "ONGOING"})
+        rsps.get(f"{DTM}/query", json=_query_answer("submitted"))
+        with pytest.raises(DtmInProgress):
+            Saga(dtm, "G1", wait_result=True).add(f"{BUSI}/a", "", {}).submit()
+
+
+@pytest.mark.parametrize(
+    ("submit_status", "stored", "expected"),
+    [
+        (500, "submitted", DtmInProgress),  # tcc/xa/msg pass a branch's 500 through (protocol.md §6)
+        (500, "succeed", None),
+        (409, "aborting", DtmFailure),  # aborting only ever ends failed
+        (500, None, DtmServerError),  # DTM never took it: the original error
+        (400, "submitted", DtmServerError),  # a client error is not settled
+    ],
+)
+def test_wait_result_settles_every_inconclusive_answer(
+    dtm: DtmClient, submit_status: int, stored: Any, expected: Any
+) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.post(f"{DTM}/submit", status=submit_status, json={"message": "confirm answered 500"})
+        answer = {"transaction": None, "branches": []} if stored is None else _query_answer(stored, "why")
+        rsps.get(f"{DTM}/query", json=answer)
+        saga = Saga(dtm, "G1", wait_result=True).add(f"{BUSI}/a", "", {})
+        if expected is None:
+            saga.submit()
+        else:
+            with pytest.raises(expected):
+                saga.submit()
+        assert len([c for c in rsps.calls if c.request.url.endswith("/submit")]) == 1
+
+
+def test_wait_result_timeout_settles_with_query(dtm: DtmClient) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/submit", body=requests.ReadTimeout("slow pass"))
         rsps.get(f"{DTM}/query", json=_query_answer("submitted"))
         with pytest.raises(DtmInProgress):
             Saga(dtm, "G1", wait_result=True).add(f"{BUSI}/a", "", {}).submit()

@@ -202,3 +202,11 @@ def test_server_error_on_submit_is_typed(dtm: DtmClient) -> None:
         with pytest.raises(DtmServerError) as info:
             Msg(dtm, "GID").add(f"{BUSI}/a", {}).submit()
     assert info.value.status == 500 and info.value.gid == "GID" and "cannot unmarshal" in str(info.value)
+
+
+def test_query_prepared_call_carries_branch_headers(dtm: DtmClient) -> None:
+    """Client-originated branch calls carry branch_headers, as Go's TransRequestBranch does (§5)."""
+    msg = Msg(dtm, "GID", branch_headers={"X-Tenant": "t1"}).add(f"{BUSI}/a1", {})
+    with responses.RequestsMock() as rsps:
+        rsps.get(QP, json={"dtm_result": "SUCCESS"}, match=[matchers.header_matcher({"X-Tenant": "t1"})])
+        msg.query_prepared_status(QP)
