@@ -27,6 +27,12 @@ logger = logging.getLogger("dtmcli")
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
+def _log_exchange(method: str, url: str, status: int, started: float, content: bytes) -> None:
+    logger.debug(
+        "%s %s -> %d in %.1f ms (%d bytes)", method, url, status, (time.perf_counter() - started) * 1000, len(content)
+    )
+
+
 @runtime_checkable
 class Transport(Protocol):
     """What the client needs from HTTP: one blocking request, and close()."""
@@ -110,14 +116,7 @@ class RequestsTransport:
         except requests.RequestException as exc:
             raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s -> %d in %.1f ms (%d bytes)",
-                method,
-                url,
-                r.status_code,
-                (time.perf_counter() - started) * 1000,
-                len(content),
-            )
+            _log_exchange(method, url, r.status_code, started, content)
         return Response(r.status_code, content)
 
     def close(self) -> None:
@@ -189,14 +188,7 @@ class Urllib3Transport:
             raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
         content: bytes = r.data
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s -> %d in %.1f ms (%d bytes)",
-                method,
-                url,
-                r.status,
-                (time.perf_counter() - started) * 1000,
-                len(content),
-            )
+            _log_exchange(method, url, r.status, started, content)
         return Response(r.status, content)
 
     def close(self) -> None:

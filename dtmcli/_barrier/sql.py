@@ -392,14 +392,18 @@ def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
 # --- the algorithm ----------------------------------------------------------------------------
 
 
-def _rollback_after(adapter: _Adapter, cause: BaseException, barrier: SqlBarrierIdentity) -> None:
+def _rollback_quietly(adapter: _Adapter, what: str) -> None:
+    """Roll back after a failure; a failing rollback is logged, the original error is what matters."""
     try:
         adapter.rollback()
-    except Exception as rb_exc:  # the connection may be gone; the original error is what matters
-        logger.warning(
-            "barrier %s/%s/%s: rollback after %s failed too: %s",
-            barrier.gid, barrier.branch_id, barrier.op, type(cause).__name__, rb_exc,
-        )
+    except Exception as rb_exc:  # the connection may be gone
+        logger.warning("%s: rollback failed too: %s", what, rb_exc)
+
+
+def _rollback_after(adapter: _Adapter, cause: BaseException, barrier: SqlBarrierIdentity) -> None:
+    _rollback_quietly(
+        adapter, f"barrier {barrier.gid}/{barrier.branch_id}/{barrier.op} after {type(cause).__name__}"
+    )
 
 
 def insert_barrier(
@@ -492,10 +496,7 @@ def query_prepared(
     except DtmError:
         raise
     except Exception as exc:
-        try:
-            adapter.rollback()
-        except Exception as rb_exc:
-            logger.warning("query_prepared %s: rollback failed too: %s", gid, rb_exc)
+        _rollback_quietly(adapter, f"query_prepared {gid}")
         if is_retryable(exc):
             raise BarrierConflict(f"query_prepared: lock conflict, retry later: {exc}", **where) from exc
         raise BarrierDatabaseError(f"query_prepared failed: {type(exc).__name__}: {exc}", **where) from exc
@@ -518,8 +519,5 @@ def create_schema(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[st
     except DtmError:
         raise
     except Exception as exc:
-        try:
-            adapter.rollback()
-        except Exception as rb_exc:
-            logger.warning("create_schema: rollback failed too: %s", rb_exc)
+        _rollback_quietly(adapter, "create_schema")
         raise BarrierDatabaseError(f"creating the barrier schema failed: {exc}") from exc

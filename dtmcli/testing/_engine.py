@@ -268,15 +268,7 @@ class Engine:
             _parse_saga_custom(t["custom_data"], len(steps))
         elif trans_type == MSG:
             _msg_delay(t["custom_data"])
-        opts = Options(
-            wait_result=t["wait_result"],
-            timeout_to_fail=t["timeout_to_fail"],
-            retry_interval=t["retry_interval"],
-            request_timeout=t["request_timeout"],
-            retry_limit=t["retry_limit"],
-            branch_headers=dict(t["branch_headers"]),
-            concurrent=t["concurrent"],
-        )
+        opts = self._options_of(t)
         now = self.clock.now()
         interval = self._reset_interval(opts)
         rec = TransRecord(
