@@ -7,10 +7,12 @@ from typing import Any, ClassVar, Mapping, Optional, TypeVar
 
 from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
 from ._options import TransOptions
+from ._protocol import Response, branch_error, client_branch_query
 from ._validate import check_gid
 from .client import DtmClient, DtmLike, as_client, local_gid
 from .errors import (
     DtmConnectError,
+    DtmError,
     DtmFailure,
     DtmInProgress,
     DtmOngoing,
@@ -110,6 +112,34 @@ class TransBase:
             body["rollback_reason"] = clip_reason(reason)
         self.client.post("abort", body)
 
+    def _request_branch(
+        self,
+        method: str,
+        url: str,
+        branch_id: str,
+        op: str,
+        *,
+        body: Optional[bytes] = None,
+        phase2_url: Optional[str] = None,
+    ) -> Response:
+        """Call a branch the client itself calls (TCC try, XA action, msg query_prepared).
+
+        The query carries ``dtm`` (and ``phase2_url`` for XA), the branch headers are sent, and the
+        answer is read as DTM reads it (protocol.md §4, §5); a non-success raises its typed error.
+        """
+        params = client_branch_query(self.dtm, self.gid, branch_id, self.trans_type, op, phase2_url)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers.update(self.options.branch_headers)
+        try:
+            resp = self.client.transport.request(method, url, params=params, body=body, headers=headers or None)
+        except DtmError as exc:
+            exc.gid, exc.branch_id, exc.op = exc.gid or self.gid, exc.branch_id or branch_id, exc.op or op
+            raise
+        err = branch_error(resp, url=url, gid=self.gid, branch_id=branch_id, op=op)
+        if err is not None:
+            raise err
+        return resp
+
     def _call_submit(self, *, recover: bool = False) -> None:
         body = self.build_body()
         try:
@@ -133,16 +163,19 @@ class TransBase:
         trans = self.client.query(self.gid)
         if trans is None or trans.status == PREPARED:
             raise cause  # DTM has not (yet) taken the submit: nothing to settle
-        if trans.status == SUCCEED:
-            return
-        if trans.status in (FAILED, ABORTING):
+        self._report(trans.status, trans.rollback_reason, cause, waiting=True)
+
+    def _report(self, status: str, reason: str, cause: Exception, *, waiting: bool) -> None:
+        """Turn a queried status into the caller's outcome: return, DtmFailure or DtmInProgress."""
+        if status in (FAILED, ABORTING):
             # aborting only ever ends in failed: the outcome is decided.
-            raise DtmFailure(trans.rollback_reason or str(cause), gid=self.gid) from cause
-        raise DtmInProgress(
-            f"{self.trans_type} {self.gid} is still {trans.status}; DTM keeps processing it, do not submit again",
-            status=trans.status,
-            gid=self.gid,
-        ) from cause
+            raise DtmFailure(reason or str(cause), gid=self.gid) from cause
+        if waiting and status != SUCCEED:
+            raise DtmInProgress(
+                f"{self.trans_type} {self.gid} is still {status}; DTM keeps processing it, do not submit again",
+                status=status,
+                gid=self.gid,
+            ) from cause
 
     def _recover_submit(self, cause: DtmTransportError) -> None:
         """After a submit that failed in transport: resend only when it certainly never left.
@@ -163,11 +196,4 @@ class TransBase:
             logger.warning("dtm submit of %s %s never left; submitting again", self.trans_type, self.gid)
             self._call_submit(recover=False)
             return
-        if trans.status in (FAILED, ABORTING):
-            raise DtmFailure(trans.rollback_reason or f"{self.trans_type} {self.gid} failed", gid=self.gid)
-        if self.options.wait_result and trans.status != SUCCEED:
-            raise DtmInProgress(
-                f"{self.trans_type} {self.gid} is {trans.status} after a lost submit answer",
-                status=trans.status,
-                gid=self.gid,
-            )
+        self._report(trans.status, trans.rollback_reason, cause, waiting=self.options.wait_result)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM
 from ._ids import BranchIdGenerator
-from ._protocol import Response, branch_error, client_branch_query
+from ._protocol import Response
 from ._trans import TransBase
 from .client import DtmLike
 from .errors import DtmError, DtmInvalidInput, DtmServerError
@@ -156,20 +156,11 @@ class TwoPhaseTrans(TransBase):
 
     # -- branch calls ----------------------------------------------------------------------
 
-    def _request_branch(
+    def _call_branch(
         self, url: str, body: str, branch_id: str, op: str, phase2_url: Optional[str] = None
     ) -> BranchReply:
-        """POST a client-originated branch call (query with ``dtm``) and read its answer (§4)."""
-        params = client_branch_query(self.dtm, self.gid, branch_id, self.trans_type, op, phase2_url)
-        headers = {"Content-Type": "application/json", **self.options.branch_headers}
-        try:
-            resp = self.client.transport.request("POST", url, params=params, body=body.encode(), headers=headers)
-        except DtmError as exc:
-            exc.gid, exc.branch_id, exc.op = exc.gid or self.gid, exc.branch_id or branch_id, exc.op or op
-            raise
-        err = branch_error(resp, url=url, gid=self.gid, branch_id=branch_id, op=op)
-        if err is not None:
-            raise err
+        """POST a client-originated branch call and wrap its successful answer."""
+        resp = self._request_branch("POST", url, branch_id, op, body=body.encode(), phase2_url=phase2_url)
         return BranchReply(resp.status, resp.content, branch_id=branch_id)
 
 

@@ -7,7 +7,7 @@ import re
 from typing import Any, Callable, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
-from ._protocol import branch_error, client_branch_query, encode_custom_data, encode_payload
+from ._protocol import encode_custom_data, encode_payload
 from ._trans import TransBase
 from ._validate import check_http_url, check_non_negative_int
 from .barrier import BranchBarrier
@@ -102,12 +102,7 @@ class Msg(TransBase):
         """
         url = query_prepared or self.query_prepared
         check_http_url(url, "query_prepared URL", gid=self.gid)
-        params = client_branch_query(self.dtm, self.gid, MSG_BRANCH_ID, MSG, OP_MSG)
-        headers = self.options.branch_headers or None
-        resp = self.client.transport.request("GET", url, params=params, headers=headers)
-        err = branch_error(resp, url=url, gid=self.gid, branch_id=MSG_BRANCH_ID, op=OP_MSG)
-        if err is not None:
-            raise err
+        self._request_branch("GET", url, MSG_BRANCH_ID, OP_MSG)
 
     def prepare_and_submit(self, query_prepared: str, busi_call: Callable[[BranchBarrier], R]) -> R:
         """Prepare, run ``busi_call(barrier)``, then submit or abort (Go's ``DoAndSubmit``).

@@ -90,7 +90,7 @@ class Tcc(TwoPhaseTrans):
                     "cancel": cancel_url,
                 },
             )
-            return self._request_branch(try_url, data, branch_id, OP_TRY)
+            return self._call_branch(try_url, data, branch_id, OP_TRY)
         except BaseException as exc:
             self._record(exc)
             raise

@@ -42,7 +42,7 @@ class Xa(TwoPhaseTrans):
         body = encode_payload(payload, gid=self.gid)
         branch_id = self._ids.next()
         try:
-            return self._request_branch(url, body, branch_id, OP_ACTION, phase2_url=url)
+            return self._call_branch(url, body, branch_id, OP_ACTION, phase2_url=url)
         except BaseException as exc:
             self._record(exc)
             raise
