@@ -1,4 +1,4 @@
-"""Loading the recorded DTM v1.19.0 exchanges in ../shared/traces for wire tests."""
+"""Loading the recorded DTM v1.19.0 exchanges in tests/data/traces (a copy kept in the repository)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent / "data" / "traces"
 # The traces write every port as PORT; wire tests use this one instead.
 PORT = "8081"
 BUSI = f"http://127.0.0.1:{PORT}"

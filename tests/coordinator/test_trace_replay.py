@@ -1,6 +1,6 @@
 """Replay the recorded DTM v1.19.0 exchanges against the in-process coordinator.
 
-For every plain-HTTP trace (not goclient_*/workflow_*), the client requests are sent again, a
+For every plain-HTTP trace (not goclient_*/workflow_*/grpc_*), the client requests are sent again, a
 BranchService answers each callback as the trace's branch did, and we check the same callbacks
 (method, path, query, body, headers), the same answers to the client, and the same stored states.
 Time is moved only when the trace shows callbacks that the cron made (the real cron polls with
@@ -20,8 +20,11 @@ from traces import TRACES, load
 from dtmcli.testing import Answer, BranchService, DtmTestServer
 
 NAMES = sorted(
-    p.stem for p in TRACES.glob("*.json") if not p.stem.startswith(("goclient_", "workflow_"))
+    p.stem for p in TRACES.glob("*.json") if not p.stem.startswith(("goclient_", "workflow_", "grpc_"))
 )
+# An empty parameter set would silently skip every replay: fail loudly instead.
+if len(NAMES) < 40:
+    raise RuntimeError(f"expected at least 40 plain-HTTP traces in {TRACES}, found {len(NAMES)}")
 # DTM's non-idempotent resubmit is deliberately not replicated; see test_coordinator_api.py.
 DEVIATIONS = {"saga_resubmit_submitted", "tcc_submit_wait_result_425"}
 # Branches run in parallel: compare the callbacks as a multiset (ordering is tested separately).
