@@ -10,11 +10,12 @@ from ._retry import ExponentialBackoff, Retry
 from ._transport import RequestsTransport, Transport
 from ._twophase import BranchReply, GlobalTransaction
 from .barrier import BranchBarrier
-from .branch import BranchInfo, BranchRequestError, BranchResponse
+from .branch import BranchInfo, BranchRequestError, BranchResponse, set_dtm_servers
 from .client import DtmClient, local_gid, new_gid
 from .errors import (
     BarrierConflict,
     BarrierDatabaseError,
+    DtmAttributeError,
     DtmConnectError,
     DtmDuplicated,
     DtmError,
@@ -43,6 +44,7 @@ __all__ = [
     "BranchReply",
     "BranchRequestError",
     "BranchResponse",
+    "DtmAttributeError",
     "DtmClient",
     "DtmConnectError",
     "DtmDuplicated",
@@ -69,6 +71,7 @@ __all__ = [
     "local_gid",
     "new_gid",
     "register_xa_branch",
+    "set_dtm_servers",
     "tcc_global_transaction",
     "xa_global_transaction",
 ]

@@ -1,4 +1,4 @@
-"""Names and limits of the DTM wire protocol (see shared/protocol.md)."""
+"""Names and limits of the DTM wire protocol (see docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,16 @@ RESULT_ONGOING: Final = "ONGOING"
 # Limits: gid is varchar(128) upstream; reason/custom_data columns are varchar(1024).
 MAX_GID_LEN: Final = 128
 MAX_BRANCH_ID_LEN: Final = 128
+# Barrier table columns (dtmcli/sql/*.sql): gid and branch_id varchar(128) as above; op (and reason,
+# which holds an op) varchar(45), as DTM's own trans_branch_op.op. A branch call whose op does not
+# fit is refused when its query is parsed (400), never by the barrier's insert (500, retried forever).
+MAX_OP_LEN: Final = 45
 MAX_REASON_LEN: Final = 1023
 MAX_CUSTOM_DATA_LEN: Final = 1024
+# Branch URLs and query_prepared are varchar(1024) in every SQL store (sqls/dtmsvr.storage.*.sql).
+MAX_URL_LEN: Final = 1024
+# Integer options are int64 on the server (TransOptions, DtmTransOptions).
+MAX_INT64: Final = 2**63 - 1
 # Nested branch ids: at most 99 children a level, parent id shorter than 20 characters.
 MAX_CHILDREN: Final = 99
 MAX_PARENT_ID_LEN: Final = 20

@@ -30,9 +30,3 @@ class BranchIdGenerator:
                 raise DtmInvalidInput(f"more than {MAX_CHILDREN} branches under {self.parent or 'the transaction'!r}")
             self._count += 1
             return f"{self.parent}{self._count:02d}"
-
-    @property
-    def current(self) -> str:
-        """The last id handed out (``parent`` itself before the first)."""
-        with self._lock:
-            return f"{self.parent}{self._count:02d}" if self._count else self.parent

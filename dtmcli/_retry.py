@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from ._validate import check_non_negative_int
 from .errors import DtmInvalidInput, DtmTransportError
@@ -46,8 +46,12 @@ class Retry:
     def __post_init__(self) -> None:
         check_non_negative_int(self.retries, "retries")
 
-    def call(self, func: Callable[[], T]) -> T:
-        """Run ``func``, retrying on DtmTransportError."""
+    def call(self, func: Callable[[], T], *, deadline: Optional[float] = None) -> T:
+        """Run ``func``, retrying on DtmTransportError.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole call: no retry starts, and no
+        backoff is slept, once it would be reached; the last error is raised instead.
+        """
         attempt = 0
         while True:
             try:
@@ -55,7 +59,10 @@ class Retry:
             except DtmTransportError:
                 if attempt >= self.retries:
                     raise
-                self.sleep(self.backoff.delay(attempt))
+                delay = self.backoff.delay(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                self.sleep(delay)
                 attempt += 1
 
 

@@ -1,67 +1,304 @@
-"""The base every global transaction builder shares: gid, options, and the prepare/submit/abort calls."""
+"""The base every global transaction builder shares: gid, options, the lifecycle, and the
+prepare/submit/abort calls."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Mapping, Optional, TypeVar
+import re
+import sys
+import threading
+from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Optional, TypeVar, overload
 
 from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
-from ._options import TransOptions
+from ._options import OPTION_NAMES, TransOptions, did_you_mean
 from ._protocol import Response, branch_error, client_branch_query
 from ._validate import check_gid
 from .client import DtmClient, DtmLike, as_client, local_gid
 from .errors import (
+    DtmAttributeError,
     DtmConnectError,
     DtmError,
     DtmFailure,
     DtmInProgress,
+    DtmInvalidInput,
     DtmOngoing,
     DtmServerError,
     DtmTimeout,
     DtmTransportError,
 )
 
-__all__ = ["TransBase"]
+__all__ = ["TransBase", "NEW", "PREPARED_STATE", "SUBMITTED", "ABORTED", "NESTED"]
 
 logger = logging.getLogger("dtmcli")
 
 T = TypeVar("T", bound="TransBase")
+V = TypeVar("V")
+
+# The lifecycle of a transaction object (TransBase.state).
+NEW, PREPARED_STATE, SUBMITTED, ABORTED, NESTED = "new", "prepared", "submitted", "aborted", "nested"
+
+
+# Options DTM takes from each request rather than from what it stored at prepare (protocol.md §1:
+# submit's wait_result only decides whether that request waits for its processing pass).
+_PER_REQUEST_OPTIONS = frozenset({"wait_result"})
+_MISSING = object()
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def clip_reason(reason: str) -> str:
-    """A rollback reason bounded to what DTM's SQL stores keep."""
+    """A rollback reason bounded to what DTM's SQL stores keep, and sendable: a lone surrogate
+    (e.g. from an error about a ``surrogateescape``-decoded file name) becomes U+FFFD, as Go
+    decodes it, instead of making the abort fail."""
+    reason = _SURROGATE_RE.sub("\ufffd", reason)
     return reason if len(reason) <= MAX_REASON_LEN else reason[: MAX_REASON_LEN - 3] + "..."
 
 
+if sys.version_info >= (3, 14):
+    import annotationlib
+
+    def _annotation_names(klass: type) -> Iterable[str]:
+        return annotationlib.get_annotations(klass, format=annotationlib.Format.FORWARDREF).keys()
+
+else:
+
+    def _annotation_names(klass: type) -> Iterable[str]:
+        annotations: dict[str, Any] = vars(klass).get("__annotations__", {})
+        return annotations.keys()
+
+
+def _declared_names(cls: type) -> frozenset[str]:
+    """Attribute names declared as class annotations anywhere in ``cls``'s MRO."""
+    return frozenset(name for klass in cls.__mro__ for name in _annotation_names(klass))
+
+
+class _Option(Generic[V]):
+    """A transaction attribute that reads ``trans.options.<name>`` and assigns through
+    :meth:`TransBase.set_options` (validated, refused once DTM may hold the transaction)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: Any = None) -> _Option[V]: ...
+
+    @overload
+    def __get__(self, obj: TransBase, owner: Any = None) -> V: ...
+
+    def __get__(self, obj: Optional[TransBase], owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.options, self.name)
+
+    def __set__(self, obj: TransBase, value: V) -> None:
+        obj.set_options(**{self.name: value})
+
+
 class TransBase:
-    """Gid, options and the calls to DTM shared by Saga, Msg, TCC and XA.
+    """Gid, options, lifecycle and the calls to DTM shared by Saga, Msg, TCC and XA.
 
     ``dtm`` is a DTM URL (its shared pooled client is used) or a :class:`DtmClient`.
     ``gid`` defaults to a locally generated shortuuid. Options may be given as keywords
-    (``wait_result=True, timeout_to_fail=60, ...``) or with the fluent setters.
+    (``wait_result=True, timeout_to_fail=60, ...``), with the fluent setters, or as attributes
+    (``saga.wait_result = True``, the Python spelling of Go's ``saga.WaitResult = true``).
+
+    Lifecycle (:attr:`state`): ``new`` → ``prepared`` → ``submitted`` or ``aborted`` (``nested``
+    for a TCC continued inside a branch handler). Each prepare/submit/abort is allowed once, from
+    the states its transaction type permits. The state advances when the request is sent and goes
+    back only when DTM cannot have received it (an error before sending, or DtmConnectError); a
+    failed ``prepare`` always goes back, since DTM's prepare is idempotent. Once a request may have
+    reached DTM, the content (gid, steps, options) is frozen: DTM keeps what it received first.
+
+    Assigning an attribute the class does not declare raises
+    :class:`~dtmcli.errors.DtmAttributeError` (``saga.wait_reslt = True`` would otherwise be
+    silently ignored). A subclass declares its own public attributes as class annotations
+    (``tenant: str``); names starting with ``_`` are always free.
     """
 
     trans_type: ClassVar[str]
+    client: DtmClient
+
+    # Where prepare/submit/abort may start; subclasses narrow or widen these.
+    _prepare_from: ClassVar[tuple[str, ...]] = (NEW,)
+    _submit_from: ClassVar[tuple[str, ...]] = (NEW,)
+    _abort_from: ClassVar[tuple[str, ...]] = (PREPARED_STATE,)
+    _declared: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._declared = _declared_names(cls)
 
     def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
-        self.client: DtmClient = as_client(dtm)
-        self.gid: str = check_gid(gid) if gid is not None else local_gid()
-        self.options = TransOptions.from_mapping(options)
-        self.concurrent = False
+        self._gid: str = check_gid(gid) if gid is not None else local_gid()
+        self._options = TransOptions.from_mapping(options)
+        self._options._bind(self)
+        self._lock = threading.Lock()
+        self._state = NEW
+        self._stored = False  # a prepare/submit/abort of this object may have reached DTM
+        self._sent = False  # ... during the operation in progress
+        self._concurrent = False
+        self.client = as_client(dtm)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name[0] != "_" and name not in type(self)._declared:
+            cls = type(self)
+            attr = getattr(cls, name, _MISSING)
+            if isinstance(attr, property) and attr.fset is None:
+                raise DtmAttributeError(
+                    f"{cls.__name__}.{name} is read-only; change it through the transaction's methods",
+                    gid=self.__dict__.get("_gid"),
+                )
+            if attr is _MISSING:
+                known = [n for n in dir(cls) if not n.startswith("_")] + list(cls._declared)
+                raise DtmAttributeError(
+                    f"{cls.__name__} has no attribute {name!r}{did_you_mean(name, known)}; a subclass "
+                    "declares its own attributes as class annotations (name: type) or starts them with '_'",
+                    gid=self.__dict__.get("_gid"),
+                )
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(gid={self.gid!r}, dtm={self.client.url!r})"
+        return f"{type(self).__name__}(gid={self.gid!r}, dtm={self.client.url!r}, state={self._state!r})"
 
     @property
     def dtm(self) -> str:
         """The DTM server URL."""
         return self.client.url
 
+    @property
+    def state(self) -> str:
+        """``new``, ``prepared``, ``submitted``, ``aborted`` or ``nested`` (see the class docstring)."""
+        return self._state
+
+    @property
+    def gid(self) -> str:
+        """The global transaction id; it can change only while nothing was sent to DTM."""
+        return self._gid
+
+    @gid.setter
+    def gid(self, gid: str) -> None:
+        gid = check_gid(gid)
+        with self._lock:
+            self._check_mutable("change the gid")
+            self._gid = gid
+
+    @property
+    def options(self) -> TransOptions:
+        """The options sent with prepare/submit/abort (assigning one replaces them all)."""
+        return self._options
+
+    @options.setter
+    def options(self, options: TransOptions) -> None:
+        if not isinstance(options, TransOptions):
+            raise DtmInvalidInput(f"options must be a TransOptions, not {type(options).__name__}", gid=self.gid)
+        new = TransOptions.from_mapping({name: getattr(options, name) for name in OPTION_NAMES})
+        with self._lock:
+            self._check_mutable("change options", nested_ok=True)
+            self._options._bind(None)  # a reference kept to the old object no longer reaches this one
+            self._options = new
+            new._bind(self)
+
+    @property
+    def concurrent(self) -> bool:
+        """Run the steps concurrently (saga and msg; sent as ``concurrent``)."""
+        return self._concurrent
+
+    @concurrent.setter
+    def concurrent(self, concurrent: bool) -> None:
+        if not isinstance(concurrent, bool):
+            raise DtmInvalidInput(f"concurrent must be a bool, not {concurrent!r}", gid=self.gid)
+        with self._lock:
+            self._check_mutable("change concurrent")
+            self._concurrent = concurrent
+
+    wait_result = _Option[bool]("Make submit (and abort) wait for the first processing pass and report it.")
+    timeout_to_fail = _Option[Optional[int]]("Abort (tcc/xa/saga) or query_prepared (msg) after this many seconds.")
+    retry_interval = _Option[Optional[int]]("Base interval in seconds of DTM's retries for this transaction.")
+    retry_limit = _Option[Optional[int]]("Saga: immediate retries of an action before aborting.")
+    request_timeout = _Option[Optional[int]]("Timeout in seconds of DTM's calls to the branches.")
+    branch_headers = _Option[Mapping[str, str]]("Extra HTTP headers for every branch call (read-only mapping).")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _refusal(self, what: str) -> str:
+        state, where = self._state, f"{self.trans_type} {self._gid}"
+        if state == NESTED:
+            return f"cannot {what} on a nested {where}: it belongs to its parent's global transaction"
+        if state == SUBMITTED:
+            return (
+                f"cannot {what}: {where} is already submitted (DTM would run a resubmitted transaction "
+                "again); follow it with DtmClient.query(gid)"
+            )
+        if state == NEW:
+            if self._stored:
+                return f"cannot {what}: a request of {where} may have reached DTM, which keeps what it got first"
+            return f"cannot {what}: {where} is not prepared"
+        return f"cannot {what}: {where} is already {state}"
+
+    def _check_mutable(self, what: str, *, nested_ok: bool = False) -> None:
+        """Refuse a change of content once DTM may hold the transaction (or it is submitted/aborted).
+
+        Called with ``self._lock`` held, together with the change: ``_run`` holds the lock while it
+        sends, so a change racing a prepare/submit either makes it into the request or is refused.
+        """
+        state = self._state
+        if (state == NEW and not self._stored) or (state == NESTED and nested_ok):
+            return
+        raise DtmInvalidInput(self._refusal(what), gid=self._gid)
+
+    def _run(self, op: str, send: Callable[[], None], check: Optional[Callable[[], None]] = None) -> None:
+        """Move the lifecycle for ``op`` (prepare, submit or abort) and run ``send``.
+
+        Calls on one object are serialised, so two submits can never both be sent. ``check`` runs
+        under the lock before the state moves (it may refuse with ``_check_mutable``).
+        """
+        allowed, target = {
+            "prepare": (self._prepare_from, PREPARED_STATE),
+            "submit": (self._submit_from, SUBMITTED),
+            "abort": (self._abort_from, ABORTED),
+        }[op]
+        with self._lock:
+            if self._state not in allowed:
+                raise DtmInvalidInput(self._refusal(op), gid=self._gid)
+            if check is not None:
+                check()
+            before, self._state, self._sent = self._state, target, False
+            try:
+                send()
+            except BaseException:
+                if op == "prepare" or not self._sent:
+                    self._state = before
+                raise
+
+    def _post_trans(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> None:
+        """POST a prepare/submit/abort body, noting whether DTM may have received it."""
+        try:
+            self.client.post(path, body, idempotent=idempotent)
+        except DtmConnectError:
+            if idempotent and self.client.retry.retries:  # an earlier attempt may have arrived
+                self._sent = self._stored = True
+            raise
+        except BaseException:
+            self._sent = self._stored = True
+            raise
+        self._sent = self._stored = True
+
     # -- fluent option setters -------------------------------------------------------------
 
     def set_options(self: T, **options: Any) -> T:
-        """Set several options at once (same names as the keyword arguments)."""
-        self.options.update(**options)
+        """Set several options at once (same names as the keyword arguments).
+
+        Options are fixed once DTM may hold the transaction, except ``wait_result`` between
+        ``prepare`` and ``submit``: DTM reads it from each request, never from what it stored.
+        """
+        with self._lock:
+            if not (self._state == PREPARED_STATE and options.keys() <= _PER_REQUEST_OPTIONS):
+                self._check_mutable("change options", nested_ok=True)
+            self._options._apply(options)
         return self
 
     def set_wait_result(self: T, wait_result: bool = True) -> T:
@@ -86,16 +323,16 @@ class TransBase:
 
     def set_branch_headers(self: T, headers: Mapping[str, str]) -> T:
         """Extra HTTP headers DTM adds to every branch call."""
-        return self.set_options(branch_headers=dict(headers))
+        return self.set_options(branch_headers=headers)
 
     # -- wire ------------------------------------------------------------------------------
 
     def build_body(self) -> dict[str, Any]:
         """The JSON object sent to DTM for this transaction (same keys as the Go client)."""
-        body: dict[str, Any] = {"gid": self.gid, "trans_type": self.trans_type}
+        body: dict[str, Any] = {"gid": self._gid, "trans_type": self.trans_type}
         body.update(self._extra_body())
-        body.update(self.options.to_wire())
-        body["concurrent"] = self.concurrent
+        body.update(self._options.to_wire())
+        body["concurrent"] = self._concurrent
         body["protocol"] = ""
         return body
 
@@ -104,13 +341,13 @@ class TransBase:
 
     def _call_prepare(self) -> None:
         # prepare is idempotent on DTM's side (a prepared gid answers success), so it may be retried.
-        self.client.post("prepare", self.build_body(), idempotent=True)
+        self._post_trans("prepare", self.build_body(), idempotent=True)
 
     def _call_abort(self, reason: Optional[str] = None) -> None:
         body = self.build_body()
         if reason:
             body["rollback_reason"] = clip_reason(reason)
-        self.client.post("abort", body)
+        self._post_trans("abort", body)
 
     def _request_branch(
         self,
@@ -143,7 +380,7 @@ class TransBase:
     def _call_submit(self, *, recover: bool = False) -> None:
         body = self.build_body()
         try:
-            self.client.post("submit", body)
+            self._post_trans("submit", body)
         except (DtmFailure, DtmOngoing, DtmServerError, DtmTimeout) as exc:
             # With wait_result, any answer but 200 only says "not succeeded after one pass": 409/425,
             # and for tcc/xa/msg a branch's 500 or a slow pass passed through (protocol.md §6).

@@ -4,9 +4,15 @@
   ``op``, and ``dtm`` / ``phase2_url`` on client-originated calls), parsed and validated from a
   query string. Bad input raises :class:`BranchRequestError` (answered 400), never a guess.
 * :func:`success_response` / :func:`error_response` map an outcome to an HTTP status and a JSON
-  body (protocol.md §0, §4); :func:`handle` runs a handler and does both. They are pure and
-  framework-neutral: ``dtmcli.contrib.flask``, ``.fastapi`` and ``.django`` (and the barrier
-  decorators) all reuse them.
+  body (protocol.md §0, §4); :func:`handle` runs a handler and does both. A returned
+  ``{"dtm_result": "FAILURE" | "ONGOING"}`` means the same as the raised error
+  (:func:`raise_for_result`). They are pure and framework-neutral: ``dtmcli.contrib.flask``,
+  ``.fastapi`` and ``.django`` (and the barrier decorator) all reuse them.
+* :meth:`BranchInfo.require_dtm` checks a client-originated call's ``dtm`` against the trusted
+  servers (:func:`set_dtm_servers`, ``DTMCLI_SERVER``), so a forged query cannot make the
+  service send requests to a host of the caller's choosing.
+
+This module never imports the barrier: ``BranchBarrier.from_info(info)`` goes the other way.
 
 Framework integrations pass the parsed :class:`BranchInfo` to the handler as the keyword argument
 ``info``; a decorator placed between the integration and the handler (such as the barrier's) can
@@ -17,10 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from ._consts import (
+    MAX_OP_LEN,
     MSG,
     OP_ACTION,
     OP_CANCEL,
@@ -38,9 +45,9 @@ from ._consts import (
     WORKFLOW,
     XA,
 )
+from ._dtm_servers import is_trusted_dtm, set_dtm_servers
 from ._protocol import dumps
 from ._validate import check_branch_id, check_http_url, check_received_gid
-from .barrier import BranchBarrier
 from .errors import BranchRequestError, DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput, DtmOngoing
 
 __all__ = [
@@ -50,6 +57,8 @@ __all__ = [
     "SUCCESS",
     "failure_allowed",
     "query_of",
+    "raise_for_result",
+    "set_dtm_servers",
     "load_payload",
     "success_response",
     "error_response",
@@ -71,7 +80,6 @@ _OPS: Mapping[str, frozenset[str]] = {
     XA: frozenset({OP_ACTION, OP_COMMIT, OP_ROLLBACK}),
     MSG: frozenset({OP_ACTION, OP_MSG}),
 }
-_MAX_OP_LEN = 128
 _FIELDS = ("gid", "trans_type", "branch_id", "op")
 
 
@@ -145,7 +153,6 @@ class BranchInfo:
     op: str
     dtm: Optional[str] = None
     phase2_url: Optional[str] = None
-    _barrier: list[BranchBarrier] = field(default_factory=list, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -171,8 +178,9 @@ class BranchInfo:
                 f"unknown op {op[:40]!r} for a {self.trans_type} branch (expected one of {', '.join(sorted(ops))})",
                 **where,
             )
-        if len(op) > _MAX_OP_LEN or not op.isprintable():
-            raise BranchRequestError(f"op {op[:40]!r} must be at most {_MAX_OP_LEN} printable characters", **where)
+        if len(op) > MAX_OP_LEN or not op.isprintable():
+            # MAX_OP_LEN is the barrier table's op column: an op it cannot store is refused here.
+            raise BranchRequestError(f"op {op[:40]!r} must be at most {MAX_OP_LEN} printable characters", **where)
         for name in ("dtm", "phase2_url"):
             value = getattr(self, name)
             if value is not None:
@@ -218,10 +226,23 @@ class BranchInfo:
         return failure_allowed(self.trans_type, self.op)
 
     def require_dtm(self) -> str:
-        """The ``dtm`` URL; BranchRequestError when the caller did not send it (e.g. a DTM callback)."""
+        """The ``dtm`` URL of a client-originated call, checked against the trusted DTM servers.
+
+        The URL comes from whoever sent the request, and the caller is about to send requests to it
+        (nested TCC, XA registration): once trusted servers are configured
+        (:func:`dtmcli.set_dtm_servers` or ``DTMCLI_SERVER``), any other URL is refused, which
+        closes that server-side request forgery. With nothing configured every URL is accepted and
+        a warning is logged once. Raises BranchRequestError (400) when ``dtm`` is absent (e.g. a
+        DTM callback) or not trusted.
+        """
         if not self.dtm:
             raise BranchRequestError(
                 "this call has no 'dtm' in its query: only client-originated calls (tcc try, xa action) carry it",
+                **self._where(),
+            )
+        if not is_trusted_dtm(self.dtm):
+            raise BranchRequestError(
+                f"dtm {self.dtm[:80]!r} in the query is not a trusted DTM server (see dtmcli.set_dtm_servers)",
                 **self._where(),
             )
         return self.dtm
@@ -233,12 +254,6 @@ class BranchInfo:
                 "this call has no 'phase2_url' in its query (only xa actions carry it)", **self._where()
             )
         return self.phase2_url
-
-    def barrier(self) -> BranchBarrier:
-        """The sub-transaction barrier of this call (one per BranchInfo, so barrier ids keep counting)."""
-        if not self._barrier:
-            self._barrier.append(BranchBarrier(self.trans_type, self.gid, self.branch_id, self.op))
-        return self._barrier[0]
 
     def query(self) -> dict[str, str]:
         """The query parameters this info was parsed from (without absent ones)."""
@@ -312,15 +327,42 @@ def _server_error(message: str) -> BranchResponse:
     return BranchResponse(500, {"message": _scrub(message, RESULT_FAILURE, RESULT_ONGOING)})
 
 
-def success_response(value: Any = None, info: Optional[BranchInfo] = None) -> BranchResponse:
-    """200 ``{"dtm_result":"SUCCESS"}``, merged with ``value`` when the handler returned a mapping.
+def raise_for_result(value: Any) -> None:
+    """Raise what a handler's returned mapping means when its ``dtm_result`` is not SUCCESS.
 
-    Any other non-``None`` value is sent under ``"data"``. A value that is not JSON-serialisable, or
-    whose JSON contains the words FAILURE or ONGOING (DTM would misread the 200, protocol.md §4),
-    is a handler bug: it is logged and answered 500.
+    ``{"dtm_result": "FAILURE"}`` (the Go SDK's and the older PyPI dtmcli's idiom) raises
+    :class:`DtmFailure` and ``"ONGOING"`` :class:`DtmOngoing`, with the mapping's ``message`` if it
+    has one; any other ``dtm_result`` than ``"SUCCESS"`` is a handler bug (:class:`DtmError`,
+    answered 500). Anything else returns.
+    """
+    if not isinstance(value, Mapping) or "dtm_result" not in value:
+        return
+    result = value["dtm_result"]
+    if result == RESULT_SUCCESS:
+        return
+    if result in (RESULT_FAILURE, RESULT_ONGOING):
+        message = value.get("message")
+        text = message if isinstance(message, str) and message else f"the handler returned dtm_result {result}"
+        raise DtmFailure(text) if result == RESULT_FAILURE else DtmOngoing(text)
+    raise DtmError(f"the handler returned an unknown dtm_result {str(result)[:40]!r}")
+
+
+def success_response(value: Any = None, info: Optional[BranchInfo] = None) -> BranchResponse:
+    """The answer for a handler's return value: usually 200 ``{"dtm_result":"SUCCESS"}``.
+
+    A returned mapping is merged into that body, unless its ``dtm_result`` is FAILURE or ONGOING:
+    then the answer is the one for a raised DtmFailure / DtmOngoing (see :func:`raise_for_result`
+    and :func:`error_response`, which keeps FAILURE to the ops that may fail). Any other
+    non-``None`` value is sent under ``"data"``. A value that is not JSON-serialisable, or whose
+    JSON contains the words FAILURE or ONGOING (DTM would misread the 200, protocol.md §4), is a
+    handler bug: it is logged and answered 500.
     """
     if value is None:
         return BranchResponse(200, dict(SUCCESS))
+    try:
+        raise_for_result(value)
+    except DtmError as exc:
+        return error_response(exc, info)
     body: dict[str, Any] = dict(SUCCESS)
     if isinstance(value, Mapping):
         body.update(value)
@@ -359,7 +401,7 @@ def error_response(exc: BaseException, info: Optional[BranchInfo] = None) -> Bra
         if info is None or info.failure_allowed:
             return BranchResponse(409, {"dtm_result": RESULT_FAILURE, "message": _scrub(message, RESULT_ONGOING)})
         logger.error(
-            "branch handler raised DtmFailure on gid=%s branch_id=%s op=%s (%s): DTM accepts FAILURE only "
+            "branch handler answered FAILURE on gid=%s branch_id=%s op=%s (%s): DTM accepts FAILURE only "
             "from a saga action, tcc try or xa action and would retry this forever; answering 500: %s",
             info.gid,
             info.branch_id,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from collections import OrderedDict
 from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
 
 import shortuuid
@@ -12,9 +15,9 @@ from ._consts import DEFAULT_DTM
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
-from ._transport import Transport, default_transport
+from ._transport import Transport, check_timeout, default_transport
 from ._validate import check_gid, check_http_url, check_non_negative_int
-from .errors import DtmError, DtmInvalidInput, DtmServerError
+from .errors import DtmError, DtmInvalidInput, DtmServerError, DtmTimeout
 
 __all__ = ["DtmClient", "new_gid", "local_gid", "DtmLike"]
 
@@ -23,6 +26,15 @@ logger = logging.getLogger("dtmcli")
 _LOG_BODY = 512
 DEFAULT_RETRY = Retry()
 MAX_SHARED_CLIENTS = 64
+DEFAULT_TIMEOUT = 10.0
+
+
+class _TransportTimeout:
+    def __repr__(self) -> str:
+        return "<10.0, or the timeout of the transport given>"
+
+
+_TRANSPORT_TIMEOUT: Any = _TransportTimeout()
 
 
 def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -39,41 +51,65 @@ class DtmClient:
 
     ``DtmClient.for_url(url)`` returns one shared client per address, which is what the builders
     use when given a plain URL string. Pass ``transport=`` to plug in your own HTTP layer.
+
+    ``timeout`` (seconds) is a total deadline per call, retries and their backoff included. It
+    defaults to 10, or to the ``timeout`` of the ``transport`` given. ``None`` sets no deadline: each
+    attempt then gets the transport's own timeout, which for the transport the client builds is
+    none at all. Clients are fork-safe: in a forked child the built-in transports open new
+    connections instead of using the parent's.
     """
 
-    _shared: ClassVar[dict[str, DtmClient]] = {}
+    # Least recently used first. Nested TCC/XA take the URL from a request's query, so the cache is
+    # bounded; see for_url for what happens to an evicted client.
+    _shared: ClassVar[OrderedDict[str, DtmClient]] = OrderedDict()
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+    _evicted_warned: ClassVar[bool] = False
 
     def __init__(
         self,
         url: str = DEFAULT_DTM,
         *,
-        timeout: float = 10.0,
+        timeout: Optional[float] = _TRANSPORT_TIMEOUT,
         transport: Optional[Transport] = None,
         retry: Optional[Retry] = None,
     ) -> None:
         check_http_url(url, "DTM server URL")
+        if timeout is _TRANSPORT_TIMEOUT:
+            timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", None)
+        self.timeout: Optional[float] = check_timeout(timeout)
         self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.transport: Transport = transport if transport is not None else default_transport(timeout)
+        self.transport: Transport = transport if transport is not None else default_transport(self.timeout)
         self.retry = retry if retry is not None else DEFAULT_RETRY
 
     @classmethod
     def for_url(cls, url: str) -> DtmClient:
-        """The shared client for ``url`` (created on first use)."""
+        """The shared client for ``url`` (created on first use).
+
+        At most ``MAX_SHARED_CLIENTS`` addresses are kept; past that the least recently used client
+        is evicted. An evicted client is not closed, only forgotten: a thread may be in the middle
+        of a request with it, and closing would pull its pool away. Once nobody uses it any more it
+        is freed, and urllib3 closes its pooled connections as the pools are collected.
+        """
         key = url.rstrip("/")
-        client = cls._shared.get(key)
-        if client is None:
-            with cls._shared_lock:
-                client = cls._shared.get(key)
-                if client is None:
-                    client = cls(url)
-                    # Nested TCC/XA take the URL from a request's query: never let that grow unbounded.
-                    if len(cls._shared) < MAX_SHARED_CLIENTS:
-                        cls._shared[key] = client
-                    else:
-                        logger.warning("more than %d DTM addresses in use; %s gets an unshared client",
-                                       MAX_SHARED_CLIENTS, key)
+        shared = cls._shared
+        client = shared.get(key)
+        if client is not None:
+            try:
+                shared.move_to_end(key)  # atomic under the GIL; the entry may just have been evicted
+            except KeyError:
+                pass
+            return client
+        with cls._shared_lock:
+            client = shared.get(key)
+            if client is None:
+                client = cls(url)
+                shared[key] = client
+                if len(shared) > MAX_SHARED_CLIENTS:
+                    old_key, _ = shared.popitem(last=False)
+                    level = logging.DEBUG if cls._evicted_warned else logging.WARNING
+                    cls._evicted_warned = True
+                    logger.log(level, "more than %d DTM addresses in use; forgetting the least recently used (%s)",
+                               MAX_SHARED_CLIENTS, old_key)
         return client
 
     @classmethod
@@ -112,7 +148,7 @@ class DtmClient:
     ) -> Response:
         """Call ``<url>/<path>`` on DTM; raise the typed error for anything but success.
 
-        Only ``idempotent`` calls are retried on transport errors.
+        Only ``idempotent`` calls are retried on transport errors, all within one ``timeout``.
         """
         data = dumps(body) if body is not None else None
         url = f"{self.url}/{path}"
@@ -120,11 +156,17 @@ class DtmClient:
             shown = dumps(_redact(body)).decode() if body is not None else ""
             logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
 
+        budget = self.timeout
+        deadline = None if budget is None else time.monotonic() + budget
+
         def once() -> Response:
-            return self.transport.request(method, url, params=params, body=data)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DtmTimeout(f"{method} {url}: the {budget} s timeout ran out before a retry")
+            return self.transport.request(method, url, params=params, body=data, timeout=left)
 
         try:
-            resp = (self.retry if idempotent else NO_RETRY).call(once)
+            resp = (self.retry if idempotent else NO_RETRY).call(once, deadline=deadline)
         except DtmError as exc:
             if exc.gid is None:
                 exc.gid = gid
@@ -214,7 +256,7 @@ class DtmClient:
     def ping(self) -> bool:
         """True when the server answers ``/api/ping``."""
         base = self.url.rsplit("/", 1)[0] if self.url.endswith("/dtmsvr") else self.url
-        resp = self.transport.request("GET", f"{base}/ping")
+        resp = self.transport.request("GET", f"{base}/ping", timeout=self.timeout)
         err = dtm_error(resp, path="ping")
         if err is not None:
             raise err
@@ -224,6 +266,15 @@ class DtmClient:
         """The server's version string, e.g. ``v1.19.0``."""
         body = parse_json_object(self.call("GET", "version", idempotent=True), path="version")
         return str(body.get("version", ""))
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by a parent thread at fork time would stay locked forever in the child.
+    DtmClient._shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 DtmLike = Union[str, DtmClient]

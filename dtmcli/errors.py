@@ -4,7 +4,8 @@ Every error the SDK raises derives from :class:`DtmError`::
 
     DtmError
     ├── DtmInvalidInput      bad input, raised before anything is sent or written (also a ValueError)
-    │   └── BranchRequestError   a request is not a valid DTM branch call (answered 400)
+    │   ├── BranchRequestError   a request is not a valid DTM branch call (answered 400)
+    │   └── DtmAttributeError    assignment to an attribute a transaction does not have (also an AttributeError)
     ├── DtmFailure           409 / FAILURE: the transaction or branch failed, roll back
     ├── DtmOngoing           425 / ONGOING: not finished yet, retry later
     │   ├── DtmInProgress    a wait_result submit came back before the transaction finished
@@ -13,7 +14,8 @@ Every error the SDK raises derives from :class:`DtmError`::
     ├── DtmTransportError    the request may not have reached DTM or a branch (connection, timeout)
     │   ├── DtmConnectError  no connection could be made: nothing was sent
     │   └── DtmTimeout
-    ├── DtmServerError       DTM or a branch answered an unexpected status or body
+    ├── DtmServerError       DTM or a branch answered an unexpected status or body (from DTM: also a
+    │                        200 that is not a JSON object, e.g. a proxy's HTML page)
     └── BarrierDatabaseError the database failed during a barrier call (driver error is the cause)
 
 Errors carry the ``gid`` (and ``branch_id`` / ``op`` where known) of the transaction they concern.
@@ -26,6 +28,7 @@ from typing import Optional
 __all__ = [
     "DtmError",
     "DtmInvalidInput",
+    "DtmAttributeError",
     "DtmFailure",
     "DtmOngoing",
     "DtmInProgress",
@@ -66,6 +69,11 @@ class DtmInvalidInput(DtmError, ValueError):
     """Input rejected before any request was sent or any row written."""
 
 
+class DtmAttributeError(DtmInvalidInput, AttributeError):
+    """Assignment to an attribute a transaction does not have, e.g. a misspelt option
+    (``saga.wait_reslt = True``) or a Go spelling (``saga.WaitResult = True``)."""
+
+
 class DtmFailure(DtmError):
     """FAILURE (HTTP 409): the operation failed for good; the global transaction rolls back."""
 
@@ -102,11 +110,20 @@ class DtmConnectError(DtmTransportError):
 
 
 class DtmTimeout(DtmTransportError):
-    """No answer within the configured timeout; the request may or may not have been processed."""
+    """No answer within the client's ``timeout`` (one budget per call, retries included); the
+    request may or may not have been processed."""
 
 
 class DtmServerError(DtmError):
-    """An unexpected answer: a status other than 200/409/425, or a body that cannot be read."""
+    """An unexpected answer: a status other than 200/409/425, or a body that cannot be read.
+
+    From DTM itself this includes a 200 whose body is not a JSON object (HTML, garbage, empty, nested
+    too deeply to parse), and a 200 to prepare, submit, abort, registerBranch, forceStop or
+    resetNextCronTime without ``"dtm_result":"SUCCESS"``: DTM answers those so, and such a 200 came
+    from something else at that address (a proxy, a login page, another service) and the call most
+    likely did not reach DTM: it is never taken as success.
+    Check with :meth:`DtmClient.query` before submitting again.
+    """
 
     def __init__(
         self,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
 from ._protocol import encode_custom_data, encode_payload
-from ._trans import TransBase
+from ._steps import StepTrans
+from ._trans import NEW, PREPARED_STATE
 from ._validate import check_http_url, check_non_negative_int
 from .barrier import BranchBarrier
 from .client import DtmLike
@@ -23,41 +24,67 @@ R = TypeVar("R")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-class Msg(TransBase):
+class Msg(StepTrans):
     """A 2-phase message.
 
     Simple message: ``Msg(dtm, gid).add(url, payload).submit()``. Transactional message:
     ``prepare(query_prepared)``, local work, ``submit()`` — or all three with
     :meth:`prepare_and_submit`, which decides exactly as the Go client's ``DoAndSubmit``.
+    Actions and options are fixed once it is prepared (DTM keeps the prepared ones); it is
+    submitted or aborted once.
     """
 
     trans_type = MSG
+    _submit_from: ClassVar[tuple[str, ...]] = (NEW, PREPARED_STATE)
+    _abort_from: ClassVar[tuple[str, ...]] = (NEW, PREPARED_STATE)  # abort also settles a prepare that timed out
 
     def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         super().__init__(dtm, gid, **options)
-        self.steps: list[dict[str, str]] = []
-        self.payloads: list[str] = []
-        self.query_prepared = ""
-        self.delay: Optional[int] = None
+        self._query_prepared = ""
+        self._delay: Optional[int] = None
+
+    @property
+    def query_prepared(self) -> str:
+        """The URL DTM asks about the local transaction of a prepared message (set by :meth:`prepare`)."""
+        return self._query_prepared
+
+    @query_prepared.setter
+    def query_prepared(self, url: str) -> None:
+        url = check_http_url(url, "query_prepared URL", gid=self.gid, allow_empty=True)
+        with self._lock:
+            self._check_mutable("change query_prepared")
+            self._query_prepared = url
+
+    @property
+    def delay(self) -> Optional[int]:
+        """Seconds DTM waits after submit before the first action (``None``: no delay)."""
+        return self._delay
+
+    @delay.setter
+    def delay(self, seconds: Optional[int]) -> None:
+        delay = None if seconds is None else check_non_negative_int(seconds, "delay")
+        with self._lock:
+            self._check_mutable("change the delay")
+            self._delay = delay
+
+    def _add_step(self, action: str, payload: Any) -> Msg:
+        self._append_step({"action": action}, encode_payload(payload, gid=self.gid))
+        return self
 
     def add(self, action: str, payload: Any) -> Msg:
         """Append an action DTM calls (POST with ``payload``, or GET when it is ``""``)."""
         check_http_url(action, "msg action URL", gid=self.gid)
-        self.payloads.append(encode_payload(payload, gid=self.gid))
-        self.steps.append({"action": action})
-        return self
+        return self._add_step(action, payload)
 
     def add_topic(self, topic: str, payload: Any) -> Msg:
         """Append a step delivered to every URL subscribed to ``topic`` on DTM."""
         if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
             raise DtmInvalidInput(f"topic {topic!r} must be 1-128 letters, digits or _.:-", gid=self.gid)
-        self.payloads.append(encode_payload(payload, gid=self.gid))
-        self.steps.append({"action": f"topic://{topic}"})
-        return self
+        return self._add_step(f"topic://{topic}", payload)
 
     def set_delay(self, seconds: int) -> Msg:
         """Let DTM wait this many seconds after submit before the first action."""
-        self.delay = check_non_negative_int(seconds, "delay")
+        self.delay = seconds
         return self
 
     def enable_concurrent(self) -> Msg:
@@ -68,32 +95,47 @@ class Msg(TransBase):
     set_concurrent = enable_concurrent
 
     def _extra_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"steps": [dict(s) for s in self.steps], "payloads": list(self.payloads)}
-        if self.query_prepared:
-            body["query_prepared"] = self.query_prepared
-        if self.delay:
-            body["custom_data"] = encode_custom_data({"delay": self.delay}, gid=self.gid)
+        body = super()._extra_body()
+        if self._query_prepared:
+            body["query_prepared"] = self._query_prepared
+        if self._delay:
+            body["custom_data"] = encode_custom_data({"delay": self._delay}, gid=self.gid)
         return body
 
     def build_body(self) -> dict[str, Any]:
         """The prepare/submit/abort body; raises DtmInvalidInput for a message without actions."""
-        if not self.steps:
+        if not self._steps:
             raise DtmInvalidInput("a msg needs at least one action", gid=self.gid)
         return super().build_body()
 
     def prepare(self, query_prepared: str) -> None:
-        """Create the message as ``prepared``; DTM asks ``query_prepared`` if it is never submitted."""
+        """Create the message as ``prepared``; DTM asks ``query_prepared`` if it is never submitted.
+
+        A failed prepare may be retried (DTM's prepare is idempotent).
+        """
         check_http_url(query_prepared, "query_prepared URL", gid=self.gid)
-        self.query_prepared = query_prepared
-        self._call_prepare()
+
+        def check() -> None:
+            if self._query_prepared and query_prepared != self._query_prepared:
+                self._check_mutable("change query_prepared")
+
+        def send() -> None:
+            self._query_prepared = query_prepared
+            self._call_prepare()
+
+        self._run("prepare", send, check)
 
     def submit(self, *, recover: bool = False) -> None:
-        """Submit the message (prepared or not); DTM then runs the actions until they succeed."""
-        self._call_submit(recover=recover)
+        """Submit the message (prepared or not); DTM then runs the actions until they succeed.
+
+        Allowed once: a second submit raises DtmInvalidInput unless the first one certainly
+        never left (DtmConnectError).
+        """
+        self._run("submit", lambda: self._call_submit(recover=recover))
 
     def abort(self, reason: Optional[str] = None) -> None:
         """Abort a prepared message: it becomes ``failed`` and no action runs."""
-        self._call_abort(reason)
+        self._run("abort", lambda: self._call_abort(reason))
 
     def query_prepared_status(self, query_prepared: Optional[str] = None) -> None:
         """Ask the ``query_prepared`` URL what happened to the local transaction, as DTM would.

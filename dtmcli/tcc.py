@@ -129,10 +129,11 @@ def tcc_global_transaction(
       returns its result (Go's ``TccGlobalTransaction``).
 
     ``gid=None`` means a new local gid for each transaction. Options and gid are checked here,
-    before anything is sent.
+    before anything is sent. The body must be a plain function: an ``async def`` raises
+    DtmInvalidInput here (its body would only run after the submit).
     """
     Tcc(dtm, gid, **options)  # validate now
-    runner = GlobalTransaction(lambda: Tcc(dtm, gid, **options))
+    runner = GlobalTransaction(lambda: Tcc(dtm, gid, **options), "tcc_global_transaction")
     if callback is None:
         return runner
     return runner.run(callback)

@@ -93,10 +93,11 @@ def xa_global_transaction(
 
     Any exception from the body ``abort``\\ s it with ``rollback_reason`` set (the Go client sends
     none; the reason helps operators) and propagates unchanged. The same three shapes as
-    :func:`~dtmcli.tcc.tcc_global_transaction`: ``with``, decorator, or ``callback``.
+    :func:`~dtmcli.tcc.tcc_global_transaction`: ``with``, decorator, or ``callback``; an
+    ``async def`` body raises DtmInvalidInput.
     """
     Xa(dtm, gid, **options)  # validate now
-    runner = GlobalTransaction(lambda: Xa(dtm, gid, **options))
+    runner = GlobalTransaction(lambda: Xa(dtm, gid, **options), "xa_global_transaction")
     if callback is None:
         return runner
     return runner.run(callback)

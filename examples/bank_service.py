@@ -21,7 +21,7 @@ import flask
 from werkzeug.serving import make_server
 
 from dtmcli import DtmFailure
-from dtmcli.barrier import create_schema
+from dtmcli.barrier import BranchBarrier, create_schema
 from dtmcli.branch import BranchInfo
 from dtmcli.contrib.flask import branch_handler, branch_payload
 
@@ -107,7 +107,7 @@ class MysqlLedger:
 
     def adjust(self, info: BranchInfo, user_id: int, amount: int) -> None:
         with self._connect() as conn:
-            info.barrier().call(conn, lambda c: self.update(c, user_id, amount))
+            BranchBarrier.from_info(info).call(conn, lambda c: self.update(c, user_id, amount))
 
     @staticmethod
     def update(conn: Any, user_id: int, amount: int) -> None:
@@ -194,7 +194,7 @@ def make_app(ledger: Ledger) -> flask.Flask:
     def query_prepared(info: BranchInfo) -> None:
         if isinstance(ledger, MysqlLedger):
             with ledger.connect() as conn:
-                info.barrier().query_prepared(conn)  # FAILURE unless the local transaction committed
+                BranchBarrier.from_info(info).query_prepared(conn)  # FAILURE unless the local transaction committed
         elif isinstance(ledger, MemoryLedger) and info.gid not in ledger.committed_msgs:
             raise DtmFailure("local transaction not committed")
 

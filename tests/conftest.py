@@ -1,4 +1,4 @@
-"""Shared test configuration. The ``--dtm-server`` option comes from the dtmcli pytest plugin."""
+"""Shared test configuration. ``--dtm-server`` and the ``dtm`` fixtures come from the dtmcli pytest plugin."""
 
 from __future__ import annotations
 
@@ -12,3 +12,6 @@ os.environ.setdefault("DTMCLI_TRANSPORT", "requests")
 
 # Make ``tests/services.py`` importable as ``services`` from every test package.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The plugin is opt-in (it is not auto-loaded by installing dtmcli); this is the line users add too.
+pytest_plugins = ["dtmcli.testing.pytest_plugin"]

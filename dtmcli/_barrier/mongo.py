@@ -1,4 +1,9 @@
-"""MongoDB barrier backend: the SQL algorithm inside a session transaction (protocol.md §7).
+"""MongoDB barrier backend (**experimental**): :func:`~dtmcli._barrier.core.run_barrier` on a
+session transaction (protocol.md §7).
+
+Experimental: no MongoDB server is available where dtmcli is developed; the flow is tested with the
+shared decision logic and an in-memory fake, and against a real replica set only when
+``DTM_TEST_MONGO_URL`` is set.
 
 Multi-document transactions need a replica set or a mongos; a standalone server is reported as
 such. The insert-if-absent is an upsert with ``$setOnInsert`` on the unique key, so concurrent
@@ -11,19 +16,19 @@ import logging
 from typing import Any, Callable, Optional, TypeVar
 
 from .._consts import MSG_BRANCH_ID, OP_MSG
-from ..errors import DtmDuplicated, DtmError, DtmFailure
+from ..errors import DtmError
 from .core import (
     DEFAULT_TABLE,
     MSG_BARRIER_ID,
     REASON_ROLLBACK,
     BarrierConflict,
     BarrierDatabaseError,
+    BarrierIdentity,
     Decision,
-    decide,
-    origin_op,
-    validate_table,
+    run_barrier,
+    settle_prepared,
+    split_table,
 )
-from .sql import SqlBarrierIdentity
 
 __all__ = ["barrier_call", "create_schema", "insert_if_absent", "map_mongo_error", "query_prepared"]
 
@@ -42,9 +47,8 @@ NO_REPLICA_SET_HINT = (
 
 
 def _collection(client: Any, table: str) -> Any:
-    validate_table(table)
-    database, name = table.split(".", 1) if "." in table else ("dtm_barrier", table)
-    return client[database][name]
+    database, name = split_table(table)
+    return client[database or "dtm_barrier"][name]
 
 
 def map_mongo_error(exc: BaseException, what: str, where: dict[str, Any]) -> DtmError:
@@ -71,76 +75,62 @@ def _key(gid: str, branch_id: str, op: str, barrier_id: str) -> dict[str, str]:
     return dict(zip(_KEY_FIELDS, (gid, branch_id, op, barrier_id)))
 
 
-def _abort(session: Any, cause: BaseException, where: dict[str, Any]) -> None:
-    try:
-        if session.in_transaction:
-            session.abort_transaction()
-    except Exception as exc:
-        logger.warning("mongo barrier %s: abort after %s failed too: %s", where, type(cause).__name__, exc)
+class _MongoStore:
+    """The MongoDB adapter of :func:`~dtmcli._barrier.core.run_barrier`: one session transaction."""
+
+    def __init__(self, coll: Any, session: Any, barrier: BarrierIdentity) -> None:
+        self.coll = coll
+        self.tx = session
+        self.where: dict[str, Any] = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
+
+    def begin(self) -> None:
+        self.tx.start_transaction()
+
+    def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
+                         reason: str) -> int:
+        return insert_if_absent(self.coll, self.tx, _key(gid, branch_id, op, barrier_id), trans_type, reason)
+
+    def commit(self) -> None:
+        self.tx.commit_transaction()
+
+    def rollback(self, cause: BaseException) -> None:
+        try:
+            if self.tx.in_transaction:
+                self.tx.abort_transaction()
+        except Exception as exc:
+            logger.warning("mongo barrier %s: abort after %s failed too: %s", self.where, type(cause).__name__, exc)
+
+    def map_error(self, exc: BaseException, what: str) -> DtmError:
+        return map_mongo_error(exc, "start transaction" if what == "begin" else what, self.where)
+
+    def busi_error(self, exc: Exception) -> Optional[DtmError]:
+        return None
 
 
 def barrier_call(
     client: Any,
-    barrier: SqlBarrierIdentity,
+    barrier: BarrierIdentity,
     busi: Callable[[Any], R],
     *,
     table: str = DEFAULT_TABLE,
     on_decision: Optional[Callable[[Decision], None]] = None,
 ) -> Optional[R]:
-    """Run ``busi(session)`` under the barrier inside one MongoDB transaction.
+    """Run ``busi(session)`` under the barrier inside one MongoDB transaction. **Experimental.**
 
     Same results as the SQL call: ``busi``'s result, ``None`` when skipped (duplicate, suspended,
     null compensation), DtmDuplicated for a repeated msg; database problems raise
     BarrierDatabaseError or BarrierConflict (and a missing replica set says so).
     """
     coll = _collection(client, table)
-    bid = barrier.next_barrier_id()
-    origin = origin_op(barrier.op)
-    where: dict[str, Any] = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
     session = client.start_session()
     try:
-        try:
-            session.start_transaction()
-        except Exception as exc:
-            raise map_mongo_error(exc, "start transaction", where) from exc
-        try:
-            origin_affected = (
-                insert_if_absent(coll, session, _key(barrier.gid, barrier.branch_id, origin, bid),
-                                 barrier.trans_type, barrier.op)
-                if origin else 0
-            )
-            current_affected = insert_if_absent(
-                coll, session, _key(barrier.gid, barrier.branch_id, barrier.op, bid), barrier.trans_type, barrier.op
-            )
-        except Exception as exc:
-            _abort(session, exc, where)
-            raise map_mongo_error(exc, "insert", where) from exc
-        decision = decide(barrier.op, origin_affected, current_affected)
-        logger.debug("mongo barrier %s/%s: -> %s", where, bid, decision.value)
-        if on_decision is not None:
-            on_decision(decision)
-        if decision is Decision.MSG_DUPLICATED:
-            _abort(session, DtmDuplicated("duplicated"), where)
-            raise DtmDuplicated("msg local transaction already done or rolled back", **where)
-        result: Optional[R] = None
-        if decision is Decision.RUN:
-            try:
-                result = busi(session)
-            except BaseException as exc:
-                _abort(session, exc, where)
-                raise
-        try:
-            session.commit_transaction()
-        except Exception as exc:
-            _abort(session, exc, where)
-            raise map_mongo_error(exc, "commit", where) from exc
-        return result
+        return run_barrier(_MongoStore(coll, session, barrier), barrier, busi, on_decision)
     finally:
         session.end_session()
 
 
 def query_prepared(client: Any, trans_type: str, gid: str, *, table: str = DEFAULT_TABLE) -> None:
-    """The msg ``query_prepared`` check on MongoDB: return on success, raise DtmFailure on rollback."""
+    """The msg ``query_prepared`` check on MongoDB (**experimental**): return on success, DtmFailure on rollback."""
     coll = _collection(client, table)
     key = _key(gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID)
     where: dict[str, Any] = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
@@ -149,14 +139,10 @@ def query_prepared(client: Any, trans_type: str, gid: str, *, table: str = DEFAU
         doc = coll.find_one(key)
     except Exception as exc:
         raise map_mongo_error(exc, "query_prepared", where) from exc
-    reason = doc.get("reason") if doc else None
-    if reason == REASON_ROLLBACK:
-        raise DtmFailure("msg local transaction was rolled back", **where)
-    if reason is None:
-        raise BarrierDatabaseError("query_prepared: barrier document missing after insert", **where)
+    settle_prepared(doc.get("reason") if doc else None, gid)
 
 
 def create_schema(client: Any, *, table: str = DEFAULT_TABLE) -> None:
-    """Create the unique index on (gid, branch_id, op, barrier_id) if it does not exist."""
+    """Create the unique index on (gid, branch_id, op, barrier_id) if it does not exist (**experimental**)."""
     coll = _collection(client, table)
     coll.create_index([(field, 1) for field in _KEY_FIELDS], unique=True)

@@ -3,14 +3,30 @@
 Key layouts:
 
 * ``"go"`` (default): ``<gid>-<branch_id>-<op>-<barrier_id>``, the Go client's keys, so Go and
-  Python branches of one transaction see each other's markers.
-* ``"cluster"``: ``{<tag>}<gid>-<branch_id>-<op>-<barrier_id>`` where ``<tag>`` is the business
-  key's hash tag (the text inside its first ``{...}``, else the whole key); all keys of a script
-  then live in the business key's slot, as Redis Cluster requires.
+  Python branches of one transaction see each other's markers. These keys are ambiguous, as
+  ``-`` may appear in gids and branch ids: msg ``order-X`` branch ``01-01`` and saga
+  ``order-X-01`` branch ``01`` share the marker ``order-X-01-01-action-01``, and the later
+  transaction's effect is skipped as a duplicate. Kept for interoperability; avoid ``-`` in
+  gids when using this layout, or use ``"cluster"``.
+* ``"cluster"``: ``{<tag>}<n>:<gid>-<n>:<branch_id>-<n>:<op>-<n>:<barrier_id>``, each field
+  prefixed with its length ``<n>`` so that different fields never give one key, and ``{<tag>}``
+  puts the marker in the business key's Redis Cluster slot, as a script's keys must share one slot.
+  ``<tag>`` is the text Redis Cluster hashes for the business key (the text inside its first
+  ``{...}`` when that is not empty, else the whole key), except when that text contains ``}``
+  (it could not stand inside ``{...}``): then it is the only 14-character string of ``0`` and
+  ``1`` that hashes to the same slot (see :func:`slot_tag`).
+
+The script checks everything that can fail (arguments, the stored value, int64 overflow) before
+its first write, because Redis does not undo the writes of a script that fails halfway: a failed
+call leaves no marker, so DTM's redelivery applies the effect once the cause is fixed. Unlike Go's
+script, it checks the markers (duplicate, null compensation) before the balance, so only the call
+that applies the amount can fail on it: a redelivered applied op or a null compensation never
+answers FAILURE, whatever the balance.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any, Optional
@@ -19,12 +35,27 @@ from .._consts import MSG_BRANCH_ID, OP_MSG
 from ..errors import DtmDuplicated, DtmFailure, DtmInvalidInput
 from .core import MSG_BARRIER_ID, REASON_ROLLBACK, BarrierDatabaseError, Decision, load_resource, origin_op
 
-__all__ = ["DEFAULT_EXPIRE", "LAYOUTS", "barrier_key", "check_adjust_amount", "hash_tag", "query_prepared"]
+__all__ = [
+    "DEFAULT_EXPIRE",
+    "LAYOUTS",
+    "MAX_EXPIRE",
+    "barrier_key",
+    "check_adjust_amount",
+    "hash_tag",
+    "key_slot",
+    "query_prepared",
+    "slot_tag",
+]
 
 logger = logging.getLogger("dtmcli")
 
 DEFAULT_EXPIRE = 7 * 24 * 3600
+MAX_EXPIRE = 2**31 - 1
 LAYOUTS = ("go", "cluster")
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_SLOTS = 16384
+_TAG_DIGITS = 14  # 2**14 == _SLOTS: each slot has exactly one tag of 14 binary digits
 
 
 class _Script:
@@ -75,24 +106,88 @@ def hash_tag(key: str) -> str:
     return key
 
 
+def _crc16(data: bytes) -> int:
+    """CRC-16/XMODEM (polynomial 0x1021, initial value 0), the checksum of Redis Cluster slots."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster slot (0-16383) of ``key``, as ``CLUSTER KEYSLOT`` computes it."""
+    return _crc16(hash_tag(key).encode()) % _SLOTS
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_flips() -> tuple[int, ...]:
+    """For each slot bit b, the set of digit positions (a bit mask) whose flip from 0 to 1 flips only bit b.
+
+    With initial value 0 the CRC is linear over equal-length inputs, and '1' is '0' XOR 1, so the
+    slot of a 0/1 string is the slot of '000...' XOR the flips of its '1' digits: Gauss-Jordan
+    elimination over GF(2) on the 14 one-digit flips (which span all 14 bits) gives these masks.
+    """
+    rows = [(_crc16(bytes(1 if j == i else 0 for j in range(_TAG_DIGITS))) % _SLOTS, 1 << i)
+            for i in range(_TAG_DIGITS)]
+    pivots: list[tuple[int, int]] = []
+    for bit in range(_TAG_DIGITS):
+        pivot = next(row for row in rows if row[0] >> bit & 1)
+        rows.remove(pivot)
+        rows = [(v ^ pivot[0], m ^ pivot[1]) if v >> bit & 1 else (v, m) for v, m in rows]
+        pivots = [(v ^ pivot[0], m ^ pivot[1]) if v >> bit & 1 else (v, m) for v, m in pivots]
+        pivots.append(pivot)
+    return tuple(mask for _, mask in pivots)
+
+
+def _binary_tag(slot: int) -> str:
+    """The only string of 14 ``0``/``1`` characters whose Redis Cluster slot is ``slot``."""
+    flips = _digit_flips()
+    target = slot ^ (_crc16(b"0" * _TAG_DIGITS) % _SLOTS)
+    mask = 0
+    for bit in range(_TAG_DIGITS):
+        if target >> bit & 1:
+            mask ^= flips[bit]
+    return "".join("1" if mask >> i & 1 else "0" for i in range(_TAG_DIGITS))
+
+
+def slot_tag(key: str) -> str:
+    """A hash tag ``t`` such that keys starting with ``{t}`` live in ``key``'s Redis Cluster slot."""
+    tag = hash_tag(key)
+    if "}" not in tag:
+        return tag
+    return _binary_tag(key_slot(key))
+
+
 def barrier_key(
     gid: str, branch_id: str, op: str, barrier_id: str, *, layout: str = "go", tag: Optional[str] = None
 ) -> str:
-    """The key of one barrier marker in the chosen layout (``tag`` is required for ``cluster``)."""
-    plain = f"{gid}-{branch_id}-{op}-{barrier_id}"
+    """The key of one barrier marker in the chosen layout; ``cluster`` needs ``tag`` (from :func:`slot_tag`).
+
+    ``go`` keys are the Go client's and ambiguous (see the module docstring); ``cluster`` keys
+    length-prefix every field, so distinct (gid, branch_id, op, barrier_id) give distinct keys.
+    """
+    fields = (gid, branch_id, op, barrier_id)
     if layout == "go":
-        return plain
+        return "-".join(fields)
     if layout == "cluster":
-        if not tag:
-            raise DtmInvalidInput("the cluster key layout needs the business key's hash tag", gid=gid)
-        return f"{{{tag}}}{plain}"
+        if not tag or "}" in tag:
+            raise DtmInvalidInput("the cluster key layout needs a hash tag without '}' (see slot_tag)", gid=gid)
+        return f"{{{tag}}}" + "-".join(f"{len(field)}:{field}" for field in fields)
     raise DtmInvalidInput(f"unknown redis key layout {layout!r}; use one of {', '.join(LAYOUTS)}", gid=gid)
 
 
 def _check_expire(expire: Any) -> int:
-    if isinstance(expire, bool) or not isinstance(expire, int) or expire <= 0:
-        raise DtmInvalidInput(f"redis barrier expire must be a positive int of seconds, not {expire!r}")
+    if isinstance(expire, bool) or not isinstance(expire, int) or not 0 < expire <= MAX_EXPIRE:
+        raise DtmInvalidInput(f"redis barrier expire must be an int of seconds from 1 to {MAX_EXPIRE}, not {expire!r}")
     return expire
+
+
+def _check_key(key: Any, gid: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise DtmInvalidInput("redis business key must be a non-empty str", gid=gid)
+    return key
 
 
 def check_adjust_amount(
@@ -110,16 +205,18 @@ def check_adjust_amount(
 ) -> Decision:
     """Adjust the integer at ``key`` by ``amount`` under the barrier, atomically.
 
-    Raises DtmFailure when the key is missing or the result would be negative (checked first),
-    DtmDuplicated when a msg call repeats. Returns the decision: RUN (applied), DUPLICATE (repeated
-    or suspended: no effect) or NULL_COMPENSATION (marker written, no effect).
+    Returns the decision: RUN (applied), DUPLICATE (repeated or suspended: no effect) or
+    NULL_COMPENSATION (marker written, no effect); these are decided first, whatever the balance.
+    Only a call that applies the amount raises DtmFailure (key missing or the result would be
+    negative) or BarrierDatabaseError (nothing written; DTM retries) when the key holds no int64 or
+    the result would exceed int64. DtmDuplicated when a msg call repeats, DtmInvalidInput for an
+    ``amount`` outside int64.
     """
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise DtmInvalidInput(f"amount must be an int, not {amount!r}", gid=gid)
-    if not isinstance(key, str) or not key:
-        raise DtmInvalidInput("redis business key must be a non-empty str", gid=gid)
+    if isinstance(amount, bool) or not isinstance(amount, int) or not _INT64_MIN <= amount <= _INT64_MAX:
+        raise DtmInvalidInput(f"amount must be an int within the signed 64-bit range, not {amount!r}", gid=gid)
+    key = _check_key(key, gid)
     expire = _check_expire(expire)
-    tag = hash_tag(key) if layout == "cluster" else None
+    tag = slot_tag(key) if layout == "cluster" else None
     origin = origin_op(op)
     keys = [
         key,
@@ -127,6 +224,8 @@ def check_adjust_amount(
         barrier_key(gid, branch_id, origin, barrier_id, layout=layout, tag=tag),
     ]
     where = {"gid": gid, "branch_id": branch_id, "op": op}
+    if key in keys[1:]:
+        raise DtmInvalidInput(f"redis business key {key!r} is the barrier's own marker key", **where)
     try:
         answer = ADJUST_SCRIPT(client, keys, [amount, origin, expire])
     except DtmInvalidInput:
@@ -147,6 +246,14 @@ def check_adjust_amount(
         return Decision.NULL_COMPENSATION
     if result == "APPLIED":
         return Decision.RUN
+    if result == "NOT_INTEGER":
+        raise BarrierDatabaseError(
+            f"redis key {key!r} does not hold a 64-bit integer; nothing was written, fix the value and DTM's retry "
+            "applies the change", **where)
+    if result == "OVERFLOW":
+        raise BarrierDatabaseError(
+            f"adding {amount} to redis key {key!r} would exceed the 64-bit integer range; nothing was written",
+            **where)
     raise BarrierDatabaseError(f"unexpected redis barrier answer {result!r}", **where)
 
 
@@ -158,7 +265,7 @@ def query_prepared(
     With the ``cluster`` layout pass ``key``, the business key the msg's local step adjusted.
     """
     expire = _check_expire(expire)
-    tag = hash_tag(key) if (layout == "cluster" and key) else None
+    tag = slot_tag(_check_key(key, gid)) if (layout == "cluster" and key is not None) else None
     msg_key = barrier_key(gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, layout=layout, tag=tag)
     where = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
     try:

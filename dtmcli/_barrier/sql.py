@@ -1,42 +1,76 @@
 """SQL barrier backend: MySQL/MariaDB and PostgreSQL through DB-API, SQLAlchemy or Django.
 
-Drivers are never imported here at module level: the connection object tells which adapter and
-dialect to use (``type(conn).__module__``), and SQLAlchemy/Django are imported only when such an
-object is passed in.
+The algorithm is :func:`~dtmcli._barrier.core.run_barrier`; this module is its SQL adapter
+(``_SqlStore``), the DDL templates' filler, and :func:`barrier_preflight`, the table check the
+barrier runs once per (database, table). Connections, dialects and error mapping live in
+:mod:`dtmcli._barrier.sql_conn` (re-exported here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
-from typing import Any, Callable, Optional, Protocol, TypeVar
+import threading
+from typing import Any, Callable, Optional, TypeVar
 
 from .._consts import MSG_BRANCH_ID, OP_MSG
-from ..errors import DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput
+from ..errors import DtmError
 from .core import (
     DEFAULT_TABLE,
     MSG_BARRIER_ID,
     REASON_ROLLBACK,
     BarrierConflict,
     BarrierDatabaseError,
+    BarrierIdentity,
     Decision,
-    decide,
     load_resource,
-    origin_op,
+    run_barrier,
+    settle_prepared,
     split_table,
     validate_table,
+)
+from .sql_conn import (
+    DIALECTS,
+    MARIADB,
+    MYSQL,
+    POSTGRES,
+    _Adapter,
+    _DbApiAdapter,
+    _DjangoAdapter,
+    _is_db_exception,
+    _SqlAlchemyAdapter,
+    _text,
+    adapt,
+    connection_charset,
+    connection_from,
+    detect_dialect,
+    is_connection_error,
+    is_retryable,
+    map_db_error,
+    normalize_dialect,
+    require_utf8mb4,
 )
 
 __all__ = [
     "DIALECTS",
+    "MARIADB",
+    "MYSQL",
+    "POSTGRES",
+    "Finding",
     "SqlBarrierIdentity",
     "adapt",
     "barrier_call",
+    "barrier_preflight",
+    "connection_from",
     "create_schema",
     "ddl",
     "detect_dialect",
     "insert_barrier",
+    "is_connection_error",
+    "is_retryable",
     "map_db_error",
+    "mysql_migration",
+    "normalize_dialect",
     "query_prepared",
 ]
 
@@ -44,44 +78,13 @@ logger = logging.getLogger("dtmcli")
 
 R = TypeVar("R")
 
-MYSQL = "mysql"
-POSTGRES = "postgres"
-DIALECTS = (MYSQL, POSTGRES)
-_DIALECT_ALIASES = {"mysql": MYSQL, "mariadb": MYSQL, "postgres": POSTGRES, "postgresql": POSTGRES, "pg": POSTGRES}
-
-_MYSQL_DRIVERS = ("pymysql", "MySQLdb", "mysql")
-_PG_DRIVERS = ("psycopg2", "psycopg")
-_DRIVERS = _MYSQL_DRIVERS + _PG_DRIVERS
-
-# Lock wait timeout / deadlock (MySQL); deadlock, lock not available, serialization failure (PostgreSQL).
-_MYSQL_RETRYABLE = frozenset({1205, 1213})
-_PG_RETRYABLE = frozenset({"40P01", "55P03", "40001"})
-# Connection-level failures: gone away, lost, killed, shutdown, packet out of order, not connected.
-_MYSQL_CONNECTION = frozenset({1053, 1927, 2006, 2013, 2014, 2055})
-
 _COLUMNS = "(trans_type, gid, branch_id, op, barrier_id, reason)"
 
 
-class SqlBarrierIdentity(Protocol):
-    """What the SQL backend needs from a barrier (``BranchBarrier`` provides it)."""
-
-    trans_type: str
-    gid: str
-    branch_id: str
-    op: str
-
-    def next_barrier_id(self) -> str: ...
+SqlBarrierIdentity = BarrierIdentity  # the name older code imports
 
 
 # --- dialects and statements -----------------------------------------------------------------
-
-
-def normalize_dialect(dialect: str) -> str:
-    """``mysql`` or ``postgres`` for any accepted spelling; DtmInvalidInput otherwise."""
-    name = _DIALECT_ALIASES.get(str(dialect).lower())
-    if name is None:
-        raise DtmInvalidInput(f"unknown barrier dialect {dialect!r}; use one of {', '.join(DIALECTS)}")
-    return name
 
 
 def _insert_sql(dialect: str, table: str) -> str:
@@ -98,29 +101,36 @@ def _select_reason_sql(table: str) -> str:
     return f"select reason from {table} where gid = %s and branch_id = %s and op = %s and barrier_id = %s"
 
 
+def _fill(template: str, schema: Optional[str], name: str) -> str:
+    """Fill a DDL template's ``{schema}``/``{table}``; without a schema, drop the lines creating one."""
+    if schema is None:
+        lines = [line for line in template.splitlines() if "{schema}" not in line.replace("{schema}.", "")]
+        template = "\n".join(lines).replace("{schema}.", "") + "\n"
+    return template.replace("{schema}", schema or "").replace("{table}", name)
+
+
+# The binary, NO PAD collation of the MySQL key columns: MySQL 8 and MariaDB name it differently.
+KEY_COLLATION = {MYSQL: "utf8mb4_0900_bin", MARIADB: "utf8mb4_nopad_bin"}
+
+
+def _flavour(dialect: str) -> str:
+    """``mariadb`` for that spelling, else the normalized dialect."""
+    name = normalize_dialect(dialect)
+    return MARIADB if name == MYSQL and str(dialect).lower() == MARIADB else name
+
+
 def ddl(dialect: str, table: str = DEFAULT_TABLE) -> str:
-    """The barrier DDL for ``dialect`` (``mysql``/``postgres``/``mongo``), naming ``table``."""
-    if str(dialect).lower() in ("mongo", "mongodb"):
-        text = load_resource("barrier.mongo.js")
-        database, collection = table.split(".", 1) if "." in table else ("dtm_barrier", table)
-        validate_table(f"{database}.{collection}")
-        return text.replace('getSiblingDB("dtm_barrier")', f'getSiblingDB("{database}")').replace(
-            "db.barrier.", f"db.{collection}."
-        )
-    dialect = normalize_dialect(dialect)
-    text = load_resource(f"barrier.{dialect}.sql")
+    """The barrier DDL for ``dialect`` (``mysql`` = MySQL 8, ``mariadb``, ``postgres``, ``mongo``), naming ``table``.
+
+    ``table`` is ``name`` or ``schema.name`` (for Mongo ``database.collection``, default database
+    ``dtm_barrier``); both parts are validated identifiers, so the text is safe to execute.
+    """
     schema, name = split_table(table)
-    if table == DEFAULT_TABLE:
-        return text
-    qualified = f"{schema}.{name}" if schema else name
-    text = text.replace("dtm_barrier.barrier_seq", f"{schema}.{name}_seq" if schema else f"{name}_seq")
-    text = text.replace("dtm_barrier.barrier ", f"{qualified} ").replace("dtm_barrier.barrier (", f"{qualified} (")
-    text = re.sub(r"\bbarrier_(create|update)_time\b", rf"{name}_\1_time", text)
-    if name != "barrier":  # constraint (index) names are unique per schema
-        text = text.replace("CONSTRAINT uniq_barrier", f"CONSTRAINT uniq_{name}")
-    if schema:
-        return text.replace("dtm_barrier", schema)
-    return "\n".join(line for line in text.splitlines() if "dtm_barrier" not in line) + "\n"
+    if str(dialect).lower() in ("mongo", "mongodb"):
+        return _fill(load_resource("barrier.mongo.js"), schema or "dtm_barrier", name)
+    flavour = _flavour(dialect)
+    text = load_resource(f"barrier.{normalize_dialect(dialect)}.sql")
+    return _fill(text, schema, name).replace("{collation}", KEY_COLLATION.get(flavour, ""))
 
 
 def ddl_statements(dialect: str, table: str = DEFAULT_TABLE) -> list[str]:
@@ -129,264 +139,190 @@ def ddl_statements(dialect: str, table: str = DEFAULT_TABLE) -> list[str]:
     return [stmt.strip() for stmt in body.split(";") if stmt.strip()]
 
 
-# --- error mapping ---------------------------------------------------------------------------
+# --- the table check (collation) -----------------------------------------------------------------
+
+_KEY_LENGTHS = {"gid": 128, "branch_id": 128, "op": 45, "barrier_id": 45}
+_checked: set[tuple[str, ...]] = set()
+_checked_lock = threading.Lock()
 
 
-def _driver_error(exc: BaseException) -> Optional[BaseException]:
-    """The DB-API driver exception behind ``exc`` (itself, SQLAlchemy's ``orig``, Django's cause)."""
-    seen = 0
-    current: Optional[BaseException] = exc
-    while current is not None and seen < 4:
-        if type(current).__module__.split(".")[0] in _DRIVERS:
-            return current
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-        seen += 1
-    return None
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem :func:`barrier_preflight` found with a barrier table (``dtmcli doctor`` reports these)."""
+
+    code: str
+    """``missing_table``, ``case_insensitive`` (or accent-insensitive), ``pad_space``, ``narrow_charset``
+    (key columns not in utf8mb4) or ``connection_charset`` (the connection itself is not utf8mb4)."""
+    table: str
+    message: str
+    fix: str = ""
 
 
-def _error_code(err: BaseException) -> Any:
-    """MySQL drivers: the int error number; PostgreSQL drivers: the SQLSTATE string (or None)."""
-    if type(err).__module__.split(".")[0] in _MYSQL_DRIVERS:
-        args = getattr(err, "args", ())
-        return args[0] if args and isinstance(args[0], int) else None
-    return getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+def mysql_migration(table: str = DEFAULT_TABLE, flavour: str = MYSQL) -> str:
+    """The one statement giving an existing MySQL (``mysql``) or MariaDB (``mariadb``) barrier table binary keys."""
+    validate_table(table)
+    return f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {KEY_COLLATION[_flavour(flavour)]};"
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether ``exc`` is a lock wait timeout, deadlock or serialization failure."""
-    err = _driver_error(exc)
-    if err is None:
-        return False
-    code = _error_code(err)
-    return code in _MYSQL_RETRYABLE or code in _PG_RETRYABLE
+def _mysql_column_problems(data_type: str, charset: Optional[str], collation: Optional[str]) -> list[str]:
+    """``narrow_charset`` / ``case_insensitive`` / ``pad_space`` when the column merges distinct ids."""
+    if data_type.lower() in ("binary", "varbinary") or collation in (None, "binary"):
+        return []
+    # A character the column's set cannot hold is stored as '?' (INSERT IGNORE only warns).
+    problems = ["narrow_charset"] if (charset or "").lower() != "utf8mb4" else []
+    name = collation.lower()
+    if "_nopad_bin" in name or name.endswith("_0900_bin"):
+        return problems
+    if name.endswith("_bin"):
+        return [*problems, "pad_space"]  # byte order, but 'x' and 'x ' compare equal
+    return [*problems, "case_insensitive"]
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a driver error of the connection (lost, killed, closed) rather than of SQL."""
-    err = _driver_error(exc)
-    if err is None:
-        return False
-    code = _error_code(err)
-    if code in _MYSQL_CONNECTION or (isinstance(code, str) and code[:2] in ("08", "57")):
-        return True
-    return type(err).__name__ in ("OperationalError", "InterfaceError") and not isinstance(code, (int, str))
-
-
-def map_db_error(exc: BaseException, what: str, barrier: Optional[SqlBarrierIdentity] = None) -> DtmError:
-    """The typed error for a database exception: BarrierConflict when retryable, else BarrierDatabaseError."""
-    where: dict[str, Any] = {}
-    if barrier is not None:
-        where = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
-    if is_retryable(exc):
-        return BarrierConflict(f"barrier {what}: lock conflict, retry later: {exc}", **where)
-    return BarrierDatabaseError(f"barrier {what} failed: {type(exc).__name__}: {exc}", **where)
-
-
-def _is_db_exception(exc: BaseException) -> bool:
-    return _driver_error(exc) is not None or type(exc).__module__.split(".")[0] in ("sqlalchemy", "django")
-
-
-# --- adapters ---------------------------------------------------------------------------------
-
-
-class _Adapter:
-    """One way of running the barrier's statements in a local transaction."""
-
-    dialect: str
-
-    def begin(self) -> None:
-        raise NotImplementedError
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def rollback(self) -> None:
-        raise NotImplementedError
-
-    def execute(self, sql: str, params: tuple[str, ...]) -> int:
-        """Run ``sql`` (``%s`` placeholders) and return ``cursor.rowcount``."""
-        raise NotImplementedError
-
-    def fetch_one(self, sql: str, params: tuple[str, ...]) -> Optional[tuple[Any, ...]]:
-        raise NotImplementedError
-
-
-class _DbApiAdapter(_Adapter):
-    """A plain DB-API connection: the barrier opens, commits and rolls back its own transaction."""
-
-    def __init__(self, conn: Any, dialect: str) -> None:
-        self.conn = conn
-        self.dialect = dialect
-        self.driver = type(conn).__module__.split(".")[0]
-        self._restore_autocommit: Optional[bool] = None
-
-    def _in_transaction(self) -> bool:
-        if self.driver == "psycopg2":
-            import psycopg2.extensions as ext
-
-            return bool(self.conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE)
-        if self.driver == "psycopg":
-            return int(self.conn.info.transaction_status) != 0  # pq.TransactionStatus.IDLE
-        if self.driver == "pymysql":
-            from pymysql.constants import SERVER_STATUS
-
-            return bool(self.conn.server_status & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
-        return False
-
-    def begin(self) -> None:
-        if self._in_transaction():
-            raise DtmInvalidInput(
-                "the connection has an open transaction; commit or roll it back before a barrier call, "
-                "or pass a SQLAlchemy/Django transaction for the barrier to join"
-            )
-        if self.driver in _PG_DRIVERS:
-            if self.conn.autocommit:
-                self._restore_autocommit = True
-                self.conn.autocommit = False
-            return  # psycopg opens the transaction with the first statement
-        if self.driver == "pymysql" and not self.conn.get_autocommit():
-            return  # with autocommit off the first INSERT opens the transaction: no BEGIN round trip
-        # Open the transaction explicitly: with autocommit on, the barrier rows would otherwise commit
-        # on their own and a failed business call would leave them behind (every retry a "duplicate").
-        if hasattr(self.conn, "begin"):  # PyMySQL, MySQLdb
-            self.conn.begin()
-        elif hasattr(self.conn, "start_transaction"):  # mysql-connector
-            self.conn.start_transaction()
-        else:
-            raise DtmInvalidInput(
-                f"cannot open a transaction on a {type(self.conn).__module__}.{type(self.conn).__name__} "
-                "connection: use PyMySQL, MySQLdb, mysql-connector, psycopg2 or psycopg, or a SQLAlchemy "
-                "Connection/Session"
-            )
-
-    def _done(self) -> None:
-        if self._restore_autocommit is not None:
-            self.conn.autocommit = self._restore_autocommit
-            self._restore_autocommit = None
-
-    def commit(self) -> None:
-        self.conn.commit()
-        self._done()
-
-    def rollback(self) -> None:
-        try:
-            self.conn.rollback()
-        finally:
-            if not getattr(self.conn, "closed", False):
-                self._done()
-
-    def execute(self, sql: str, params: tuple[str, ...]) -> int:
-        cur = self.conn.cursor()
-        try:
-            cur.execute(sql, params)
-            return int(cur.rowcount)
-        finally:
-            cur.close()
-
-    def fetch_one(self, sql: str, params: tuple[str, ...]) -> Optional[tuple[Any, ...]]:
-        cur = self.conn.cursor()
-        try:
-            cur.execute(sql, params)
-            row = cur.fetchone()
-            return tuple(row) if row is not None else None
-        finally:
-            cur.close()
-
-
-def _to_named(sql: str) -> str:
-    count = iter(range(100))
-    return re.sub(r"%s", lambda _m: f":p{next(count)}", sql)
-
-
-class _SqlAlchemyAdapter(_Adapter):
-    """A SQLAlchemy Connection or Session: join its transaction through a savepoint, or own one."""
-
-    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
-        self.conn = conn
-        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
-        self.dialect = normalize_dialect(dialect or bind.dialect.name)
-        self._trans: Any = None
-
-    def begin(self) -> None:
-        self._trans = self.conn.begin_nested() if self.conn.in_transaction() else self.conn.begin()
-
-    def commit(self) -> None:
-        self._trans.commit()
-
-    def rollback(self) -> None:
-        self._trans.rollback()
-
-    def execute(self, sql: str, params: tuple[str, ...]) -> int:
-        from sqlalchemy import text
-
-        result = self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)})
-        return int(result.rowcount)
-
-    def fetch_one(self, sql: str, params: tuple[str, ...]) -> Optional[tuple[Any, ...]]:
-        from sqlalchemy import text
-
-        row = self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)}).first()
-        return tuple(row) if row is not None else None
-
-
-class _DjangoAdapter(_Adapter):
-    """A Django connection: runs inside ``transaction.atomic`` (a savepoint when already in one)."""
-
-    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
-        from django.db import connections
-
-        self.conn = connections[conn.alias]
-        self.dialect = normalize_dialect(dialect or self.conn.vendor)
-        self._atomic: Any = None
-
-    def begin(self) -> None:
-        from django.db import transaction
-
-        self._atomic = transaction.atomic(using=self.conn.alias)
-        self._atomic.__enter__()
-
-    def commit(self) -> None:
-        self._atomic.__exit__(None, None, None)
-
-    def rollback(self) -> None:
-        err = DtmError("barrier rollback")
-        self._atomic.__exit__(DtmError, err, None)
-
-    def execute(self, sql: str, params: tuple[str, ...]) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(sql, params)
-            return int(cur.rowcount)
-
-    def fetch_one(self, sql: str, params: tuple[str, ...]) -> Optional[tuple[Any, ...]]:
-        with self.conn.cursor() as cur:
-            cur.execute(sql, params)
-            row = cur.fetchone()
-            return tuple(row) if row is not None else None
-
-
-def detect_dialect(conn: Any) -> str:
-    """``mysql`` or ``postgres`` from a DB-API, SQLAlchemy or Django connection."""
-    return adapt(conn, None).dialect
-
-
-def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
-    """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers)."""
-    module = type(conn).__module__
-    top = module.split(".")[0]
-    if top == "sqlalchemy":
-        return _SqlAlchemyAdapter(conn, dialect)
-    if top == "django":
-        return _DjangoAdapter(conn, dialect)
-    if top in _MYSQL_DRIVERS:
-        return _DbApiAdapter(conn, normalize_dialect(dialect or MYSQL))
-    if top in _PG_DRIVERS:
-        return _DbApiAdapter(conn, normalize_dialect(dialect or POSTGRES))
-    if dialect is not None and hasattr(conn, "cursor") and hasattr(conn, "commit"):
-        return _DbApiAdapter(conn, normalize_dialect(dialect))
-    raise DtmInvalidInput(
-        f"cannot tell the SQL dialect of a {module}.{type(conn).__name__}; pass dialect='mysql' or 'postgres'"
+def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
+    schema, name = split_table(table)
+    sql = (
+        "select column_name, data_type, character_set_name, collation_name, version() from information_schema.columns "
+        "where table_schema = coalesce(%s, database()) and table_name = %s and column_name in "
+        "('gid', 'branch_id', 'op', 'barrier_id')"
     )
+    rows = adapter.fetch_all(sql, (schema, name))
+    if not rows:
+        return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
+                        "create it with dtmcli.barrier.create_schema(conn, table=...) or "
+                        "`python -m dtmcli.sql ddl mysql`")]
+    problems: dict[str, list[str]] = {}
+    flavour = MARIADB if "mariadb" in _text(rows[0][4]).lower() else MYSQL
+    for column, data_type, charset, collation, _version in rows:
+        column, data_type = _text(column), _text(data_type)
+        charset = _text(charset) if charset is not None else None
+        collation = _text(collation) if collation is not None else None
+        for kind in _mysql_column_problems(data_type, charset, collation):
+            problems.setdefault(kind, []).append(f"{column} ({charset if kind == 'narrow_charset' else collation})")
+    fix = f"convert the key columns to utf8mb4 and binary: {mysql_migration(table, flavour)}"
+    findings = []
+    if "narrow_charset" in problems:
+        findings.append(Finding(
+            "narrow_charset", table,
+            f"barrier table {table} stores {', '.join(problems['narrow_charset'])} in a character set other "
+            "than utf8mb4: a character it cannot hold is stored as '?', so gids differing only in such "
+            "characters share barrier rows and the second transaction's business effect is skipped as a "
+            "duplicate", fix,
+        ))
+    if "case_insensitive" in problems:
+        findings.append(Finding(
+            "case_insensitive", table,
+            f"barrier table {table} compares {', '.join(problems['case_insensitive'])} case- or "
+            "accent-insensitively: gids such as 'Order-x' and 'order-x' share barrier rows, so the second "
+            "transaction's business effect is skipped as a duplicate", fix,
+        ))
+    if "pad_space" in problems:
+        findings.append(Finding(
+            "pad_space", table,
+            f"barrier table {table} compares {', '.join(problems['pad_space'])} with a PAD SPACE collation: "
+            "gids 'x' and 'x ' share barrier rows", fix,
+        ))
+    return findings
+
+
+def _check_postgres(adapter: _Adapter, table: str) -> list[Finding]:
+    sql = (
+        "select a.attname, c.collname, c.collisdeterministic from pg_attribute a "
+        "left join pg_collation c on c.oid = a.attcollation "
+        "where a.attrelid = to_regclass(%s) and a.attname in ('gid', 'branch_id', 'op', 'barrier_id')"
+    )
+    rows = adapter.fetch_all(sql, (table,))
+    if not rows:
+        return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
+                        "create it with dtmcli.barrier.create_schema(conn, table=...) or "
+                        "`python -m dtmcli.sql ddl postgres`")]
+    loose = [(_text(col), _text(coll)) for col, coll, deterministic in rows if deterministic is False]
+    if not loose:
+        return []
+    fix = f"ALTER TABLE {table} " + ", ".join(
+        f'ALTER COLUMN {col} TYPE varchar({_KEY_LENGTHS[col]}) COLLATE "C"' for col, _ in loose
+    ) + ";"
+    return [Finding(
+        "case_insensitive", table,
+        f"barrier table {table} compares {', '.join(f'{c} ({k})' for c, k in loose)} with a nondeterministic "
+        "collation: distinct gids can share barrier rows", fix,
+    )]
+
+
+def barrier_preflight(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[str] = None) -> list[Finding]:
+    """Check the barrier table behind ``conn`` (read-only): missing, or comparing ids loosely.
+
+    Returns the problems found, ``[]`` when the table is fine. ``conn`` is anything
+    :func:`connection_from` accepts. The barrier runs the table part once per (database, table) on
+    first use and logs each finding as a WARNING; a MySQL connection whose character set is not
+    utf8mb4 (finding ``connection_charset``) it refuses on every call.
+    """
+    validate_table(table)
+    with connection_from(conn) as c:
+        adapter = adapt(c, dialect)
+        was_open = isinstance(adapter, _DbApiAdapter) and adapter._in_transaction()
+        try:
+            findings = _check(adapter, table)
+            charset = connection_charset(adapter) if adapter.dialect == MYSQL else "utf8mb4"
+            if charset != "utf8mb4":
+                findings.append(Finding(
+                    "connection_charset", table,
+                    f"the connection's character set is {charset!r}, not utf8mb4: the "
+                    "barrier refuses it, as ids with characters it cannot hold would share barrier rows",
+                    "connect with charset utf8mb4 (e.g. pymysql.connect(..., charset='utf8mb4'))",
+                ))
+            return findings
+        finally:
+            if not was_open:
+                _end_read(adapter)
+
+
+def _check(adapter: _Adapter, table: str) -> list[Finding]:
+    return _check_mysql(adapter, table) if adapter.dialect == MYSQL else _check_postgres(adapter, table)
+
+
+def _end_read(adapter: _Adapter) -> None:
+    """Close the transaction a read may have opened on a DB-API connection (not the caller's)."""
+    if isinstance(adapter, _DbApiAdapter) and adapter._in_transaction():
+        adapter.conn.rollback()
+
+
+def _target(adapter: _Adapter) -> tuple[str, ...]:
+    """Which database a connection talks to, for the once-per-target table check."""
+    conn = adapter.conn
+    if isinstance(adapter, _SqlAlchemyAdapter):
+        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
+        return ("sqlalchemy", repr(bind.engine.url))
+    if isinstance(adapter, _DjangoAdapter):
+        return ("django", str(conn.alias))
+    info = getattr(conn, "info", None)
+    if info is not None and hasattr(info, "dbname"):  # psycopg2 >= 2.8, psycopg 3
+        return (adapter.driver, str(info.host), str(info.port), str(info.dbname))
+    return (adapter.driver, str(getattr(conn, "host", "")), str(getattr(conn, "port", "")),
+            _text(getattr(conn, "db", "") or ""))
+
+
+def _check_once(adapter: _Adapter, table: str) -> None:
+    """Run the table check the first time this (database, table) is used; log findings as WARNINGs.
+
+    Runs inside the barrier's transaction (reads only), so it adds no round trip after the first call.
+    """
+    key = (*_target(adapter), table)
+    if key in _checked:
+        return
+    with _checked_lock:
+        if key in _checked:
+            return
+        _checked.add(key)
+    try:
+        findings = _check(adapter, table)
+    except Exception as exc:  # never block the barrier on the check; say so once
+        logger.warning("barrier table check of %s skipped: %s", table, exc)
+        if adapter.dialect == POSTGRES:
+            raise  # the failed read aborted the transaction: this call fails (retryable), the next runs
+        return
+    for finding in findings:
+        if finding.code != "missing_table":  # the insert reports a missing table itself
+            logger.warning("%s; fix: %s", finding.message, finding.fix)
 
 
 # --- the algorithm ----------------------------------------------------------------------------
@@ -400,10 +336,14 @@ def _rollback_quietly(adapter: _Adapter, what: str) -> None:
         logger.warning("%s: rollback failed too: %s", what, rb_exc)
 
 
-def _rollback_after(adapter: _Adapter, cause: BaseException, barrier: SqlBarrierIdentity) -> None:
-    _rollback_quietly(
-        adapter, f"barrier {barrier.gid}/{barrier.branch_id}/{barrier.op} after {type(cause).__name__}"
-    )
+def _begin(adapter: _Adapter, where: dict[str, Any]) -> None:
+    """Open the barrier's transaction, then refuse a connection that cannot hold every id (MySQL: utf8mb4)."""
+    adapter.begin()
+    try:
+        require_utf8mb4(adapter, where)
+    except Exception:
+        _rollback_quietly(adapter, f"barrier {where.get('gid')}/{where.get('branch_id')}/{where.get('op')}")
+        raise
 
 
 def insert_barrier(
@@ -413,9 +353,48 @@ def insert_barrier(
     return adapter.execute(_insert_sql(adapter.dialect, table), (trans_type, gid, branch_id, op, barrier_id, reason))
 
 
+class _SqlStore:
+    """The SQL adapter of :func:`~dtmcli._barrier.core.run_barrier`: one local transaction on ``conn``."""
+
+    def __init__(self, conn: Any, adapter: _Adapter, table: str, barrier: BarrierIdentity) -> None:
+        self.tx = conn
+        self.adapter = adapter
+        self.table = table
+        self.barrier = barrier
+
+    def begin(self) -> None:
+        b = self.barrier
+        _begin(self.adapter, {"gid": b.gid, "branch_id": b.branch_id, "op": b.op})
+        try:
+            _check_once(self.adapter, self.table)
+        except Exception as exc:
+            self.rollback(exc)
+            raise
+
+    def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
+                         reason: str) -> int:
+        return insert_barrier(self.adapter, self.table, trans_type, gid, branch_id, op, barrier_id, reason)
+
+    def commit(self) -> None:
+        self.adapter.commit()
+
+    def rollback(self, cause: BaseException) -> None:
+        b = self.barrier
+        _rollback_quietly(self.adapter, f"barrier {b.gid}/{b.branch_id}/{b.op} after {type(cause).__name__}")
+
+    def map_error(self, exc: BaseException, what: str) -> DtmError:
+        return map_db_error(exc, what, self.barrier)
+
+    def busi_error(self, exc: Exception) -> Optional[DtmError]:
+        # A lost connection or a lock conflict in the business SQL is retryable like the barrier's own.
+        if _is_db_exception(exc) and (is_retryable(exc) or is_connection_error(exc)):
+            return map_db_error(exc, "business call", self.barrier)
+        return None
+
+
 def barrier_call(
     conn: Any,
-    barrier: SqlBarrierIdentity,
+    barrier: BarrierIdentity,
     busi: Callable[[Any], R],
     *,
     table: str = DEFAULT_TABLE,
@@ -430,51 +409,7 @@ def barrier_call(
     ``busi`` raised otherwise (after rolling the barrier rows back with it).
     """
     validate_table(table)
-    adapter = adapt(conn, dialect)
-    bid = barrier.next_barrier_id()
-    origin = origin_op(barrier.op)
-    ident = (barrier.trans_type, barrier.gid, barrier.branch_id)
-    try:
-        adapter.begin()
-    except DtmError:
-        raise
-    except Exception as exc:
-        raise map_db_error(exc, "begin", barrier) from exc
-    try:
-        origin_affected = insert_barrier(adapter, table, *ident, origin, bid, barrier.op) if origin else 0
-        current_affected = insert_barrier(adapter, table, *ident, barrier.op, bid, barrier.op)
-    except Exception as exc:
-        _rollback_after(adapter, exc, barrier)
-        raise map_db_error(exc, "insert", barrier) from exc
-    decision = decide(barrier.op, origin_affected, current_affected)
-    logger.debug(
-        "barrier %s/%s/%s/%s: origin_affected=%s current_affected=%s -> %s",
-        barrier.gid, barrier.branch_id, barrier.op, bid, origin_affected, current_affected, decision.value,
-    )
-    if on_decision is not None:
-        on_decision(decision)
-    if decision is Decision.MSG_DUPLICATED:
-        _rollback_after(adapter, DtmDuplicated("duplicated"), barrier)
-        raise DtmDuplicated(
-            "msg local transaction already done or rolled back", gid=barrier.gid, branch_id=barrier.branch_id,
-            op=barrier.op,
-        )
-    result: Optional[R] = None
-    if decision is Decision.RUN:
-        try:
-            result = busi(conn)
-        except BaseException as exc:
-            _rollback_after(adapter, exc, barrier)
-            if isinstance(exc, Exception) and not isinstance(exc, DtmError) and _is_db_exception(exc):
-                if is_retryable(exc) or is_connection_error(exc):
-                    raise map_db_error(exc, "business call", barrier) from exc
-            raise
-    try:
-        adapter.commit()
-    except Exception as exc:
-        _rollback_after(adapter, exc, barrier)
-        raise map_db_error(exc, "commit", barrier) from exc
-    return result
+    return run_barrier(_SqlStore(conn, adapt(conn, dialect), table, barrier), barrier, busi, on_decision)
 
 
 def query_prepared(
@@ -482,38 +417,43 @@ def query_prepared(
 ) -> None:
     """The msg ``query_prepared`` check (protocol.md §7): return on success, raise DtmFailure on rollback.
 
-    Inserts the ``rollback`` marker for (gid, 00, msg, 01) unless the local transaction already
-    inserted its row, then reads which one won.
+    ``conn`` is anything :func:`connection_from` accepts. Inserts the ``rollback`` marker for
+    (gid, 00, msg, 01) unless the local transaction already inserted its row, then reads which one won.
     """
     validate_table(table)
-    adapter = adapt(conn, dialect)
-    where = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
-    try:
-        adapter.begin()
-        insert_barrier(adapter, table, trans_type, gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, REASON_ROLLBACK)
-        row = adapter.fetch_one(_select_reason_sql(table), (gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID))
-        adapter.commit()
-    except DtmError:
-        raise
-    except Exception as exc:
-        _rollback_quietly(adapter, f"query_prepared {gid}")
-        if is_retryable(exc):
-            raise BarrierConflict(f"query_prepared: lock conflict, retry later: {exc}", **where) from exc
-        raise BarrierDatabaseError(f"query_prepared failed: {type(exc).__name__}: {exc}", **where) from exc
-    reason = row[0] if row else None
-    if reason == REASON_ROLLBACK:
-        raise DtmFailure("msg local transaction was rolled back", **where)
-    if reason is None:
-        raise BarrierDatabaseError("query_prepared: barrier row missing after insert", **where)
+    with connection_from(conn) as c:
+        adapter = adapt(c, dialect)
+        where = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
+        try:
+            _begin(adapter, where)
+            insert_barrier(adapter, table, trans_type, gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, REASON_ROLLBACK)
+            row = adapter.fetch_one(_select_reason_sql(table), (gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID))
+            adapter.commit()
+        except DtmError:
+            raise
+        except Exception as exc:
+            _rollback_quietly(adapter, f"query_prepared {gid}")
+            if is_retryable(exc):
+                raise BarrierConflict(f"query_prepared: lock conflict, retry later: {exc}", **where) from exc
+            raise BarrierDatabaseError(f"query_prepared failed: {type(exc).__name__}: {exc}", **where) from exc
+    settle_prepared(_text(row[0]) if row else None, gid)
 
 
 def create_schema(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[str] = None) -> None:
-    """Create the barrier schema/database and table if they do not exist (idempotent)."""
+    """Create the barrier schema/database and table if they do not exist (idempotent).
+
+    On MySQL the server's version picks the key collation (MySQL 8 or MariaDB). An existing table is
+    left as it is: :func:`barrier_preflight` reports one whose keys compare case-insensitively.
+    """
+    validate_table(table)
     adapter = adapt(conn, dialect)
-    statements = ddl_statements(adapter.dialect, table)
     try:
         adapter.begin()
-        for stmt in statements:
+        flavour = adapter.dialect
+        if flavour == MYSQL:
+            row = adapter.fetch_one("select version()", ())
+            flavour = MARIADB if row and "mariadb" in _text(row[0]).lower() else MYSQL
+        for stmt in ddl_statements(flavour, table):
             adapter.execute(stmt, ())
         adapter.commit()
     except DtmError:

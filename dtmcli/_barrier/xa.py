@@ -16,7 +16,18 @@ from .._consts import OP_ACTION, OP_COMMIT, OP_ROLLBACK, XA
 from .._validate import check_branch_id, check_gid
 from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
-from .sql import MYSQL, POSTGRES, _DbApiAdapter, adapt, insert_barrier, is_connection_error, map_db_error
+from .sql import insert_barrier
+from .sql_conn import (
+    MYSQL,
+    POSTGRES,
+    _DbApiAdapter,
+    _driver_error,
+    _error_code,
+    adapt,
+    connection_from,
+    is_connection_error,
+    map_db_error,
+)
 
 if TYPE_CHECKING:
     from ..branch import BranchInfo
@@ -30,7 +41,10 @@ R = TypeVar("R")
 
 XA_BARRIER_ID = "01"
 _MAX_XID = {MYSQL: 64, POSTGRES: 199}  # MySQL gtrid: 64 bytes; PostgreSQL GID: < 200 bytes
-_NOT_FOUND = ("XAER_NOTA", "does not exist")
+# "No such transaction" from XA COMMIT/ROLLBACK (MySQL errno 1397 XAER_NOTA) and COMMIT/ROLLBACK
+# PREPARED (SQLSTATE 42704 undefined_object): recognised by code, since the message text follows the
+# server's language (lc_messages).
+_UNKNOWN_XID_CODES = frozenset({1397, "42704"})
 
 
 def xid_of(gid: str, branch_id: str, dialect: str) -> str:
@@ -132,7 +146,8 @@ def xa_local_transaction(
     ``query`` is the request's BranchInfo or query mapping (it must carry ``dtm`` and
     ``phase2_url``, or pass ``dtm``). ``conn`` is a zero-argument factory of DB-API connections
     (preferred: the connection is opened for this call and closed afterwards, as the Go client
-    does) or a dedicated connection without an open transaction. On MySQL/MariaDB a prepared XA
+    does) or a dedicated connection without an open transaction (see
+    :func:`~dtmcli._barrier.sql.connection_from`). On MySQL/MariaDB a prepared XA
     transaction stays bound to its session until that session disconnects, so phase 2 from
     another connection finds it only after the connection is closed: close a connection you pass.
 
@@ -140,12 +155,13 @@ def xa_local_transaction(
     end, prepare — or roll back on any error, which is re-raised. A barrier row already present
     means phase 2 rolled this branch back first: DtmFailure, and ``busi`` does not run.
     """
-    if callable(conn) and not hasattr(conn, "cursor"):
-        owned = conn()
-        try:
-            return xa_local_transaction(query, owned, busi, dtm=dtm, table=table, dialect=dialect)
-        finally:
-            owned.close()
+    with connection_from(conn) as dedicated:
+        return _local_transaction(query, dedicated, busi, dtm=dtm, table=table, dialect=dialect)
+
+
+def _local_transaction(
+    query: Any, conn: Any, busi: Callable[[Any], R], *, dtm: Optional[DtmLike], table: str, dialect: Optional[str]
+) -> R:
     from ..client import as_client
 
     info = _info(query)
@@ -201,13 +217,20 @@ def xa_handle_phase2(
     """Handle DTM's phase-2 call (``op=commit`` or ``op=rollback``) of an XA branch.
 
     Commits or rolls back the prepared transaction ``<gid>-<branch_id>``; an unknown xid (already
-    done) is not an error, so repeats are harmless. After a rollback the barrier row
+    done: MySQL errno 1397, PostgreSQL SQLSTATE 42704, whatever the server's message language) is
+    not an error, so repeats are harmless. ``conn`` is a connection or a factory, as for
+    :func:`xa_local_transaction`. After a rollback the barrier row
     (xa, gid, branch_id, action, 01, reason rollback) is inserted, so a late action cannot run.
     """
     info = _info(query)
     if info.op not in (OP_COMMIT, OP_ROLLBACK):
         raise DtmInvalidInput(f"xa phase 2 is commit or rollback, not {info.op!r}", gid=info.gid)
     validate_table(table)
+    with connection_from(conn) as dedicated:
+        _phase2(info, dedicated, table=table, dialect=dialect)
+
+
+def _phase2(info: BranchInfo, conn: Any, *, table: str, dialect: Optional[str]) -> None:
     adapter = _dbapi(conn, dialect)
     xid = xid_of(info.gid, info.branch_id, adapter.dialect)
     stmt = str(_statements(adapter.dialect, xid)[info.op])
@@ -215,7 +238,7 @@ def xa_handle_phase2(
         try:
             _exec(adapter, stmt)
         except Exception as exc:
-            if not any(word in str(exc) for word in _NOT_FOUND):
+            if not is_unknown_xid(exc):
                 raise map_db_error(exc, f"xa {info.op}") from exc
             if info.op == OP_COMMIT and _still_prepared(adapter, xid):
                 # MariaDB keeps a prepared XA attached to the session that prepared it until that
@@ -237,6 +260,12 @@ def xa_handle_phase2(
             except Exception as rb_exc:
                 logger.warning("xa %s: rollback of the barrier insert failed: %s", xid, rb_exc)
             raise map_db_error(exc, "xa rollback marker") from exc
+
+
+def is_unknown_xid(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server saying the XA transaction does not exist (by error code, not text)."""
+    err = _driver_error(exc)
+    return err is not None and _error_code(err) in _UNKNOWN_XID_CODES
 
 
 def _still_prepared(adapter: _DbApiAdapter, xid: str) -> bool:

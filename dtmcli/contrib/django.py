@@ -7,8 +7,9 @@
 ...     ...                      # raise DtmFailure("insufficient balance") to fail the try
 ...
 The view is exempt from CSRF checks (DTM sends no token). It returns ``None`` (200
-``{"dtm_result":"SUCCESS"}``), a dict (merged into that body) or its own ``HttpResponse``;
-exceptions are mapped by :func:`dtmcli.branch.error_response`.
+``{"dtm_result":"SUCCESS"}``), a dict (merged into that body; ``{"dtm_result": "FAILURE"}`` /
+``"ONGOING"`` answer as the raised errors) or its own ``HttpResponse``, sent unchanged (its body is
+not inspected); exceptions are mapped by :func:`dtmcli.branch.error_response`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from django.http.response import HttpResponseBase
 from ..branch import BranchInfo, BranchRequestError, BranchResponse, error_response, load_payload
 from ._common import run_handler
 
-__all__ = ["branch_handler", "branch_payload", "as_response"]
+__all__ = ["branch_handler", "branch_payload", "as_response", "query_prepared_view"]
 
 
 def as_response(answer: BranchResponse) -> HttpResponse:
@@ -52,3 +53,20 @@ def branch_handler(view: Callable[..., Any]) -> Callable[..., HttpResponseBase]:
 def branch_payload(request: HttpRequest, info: Optional[BranchInfo] = None) -> Any:
     """The request's JSON body (``None`` when empty); BranchRequestError (400) when not JSON."""
     return load_payload(request.body, info)
+
+
+def query_prepared_view(
+    db: Any = "django", *, table: Optional[str] = None, dialect: Optional[str] = None
+) -> Callable[[HttpRequest], HttpResponse]:
+    """A Django view answering DTM's msg ``query_prepared`` from the SQL barrier table.
+
+    ``path("QueryPrepared", query_prepared_view())`` uses the ``default`` database; pass
+    ``"django:<alias>"`` or anything ``@barrier(db=...)`` accepts. Exempt from CSRF checks.
+    """
+    from ._query_prepared import named_view, query_prepared_answer
+
+    def dtm_query_prepared(request: HttpRequest) -> HttpResponse:
+        return as_response(query_prepared_answer(request, db, table=table, dialect=dialect))
+
+    dtm_query_prepared.csrf_exempt = True  # type: ignore[attr-defined]
+    return named_view(dtm_query_prepared)

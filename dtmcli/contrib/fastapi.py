@@ -1,40 +1,72 @@
 """FastAPI / Starlette integration for branch handlers.
 
->>> app = FastAPI()
->>> add_exception_handlers(app)
->>> @app.post("/TransOutTry")
-... def trans_out_try(body: dict, info: BranchDep):
+>>> router = APIRouter(route_class=DtmRoute)
+>>> @router.post("/TransOutTry")
+... def trans_out_try(info: BranchDep, body: PayloadDep):
 ...     ...                      # raise DtmFailure("insufficient balance") to fail the try
-...     return SUCCESS
 ...
-:func:`branch_info` is a dependency yielding the validated :class:`~dtmcli.branch.BranchInfo`;
-the exception handlers answer dtmcli errors as DTM expects (400 / 409 / 425 / 500, 200 for
-DtmDuplicated). :func:`as_response` turns a :func:`dtmcli.branch.handle` answer into a response,
-for decorators (such as the barrier's) that run the handler themselves.
+>>> app.include_router(router)   # after the routes are declared
+
+Every route of a ``DtmRoute`` router is a branch handler answered as DTM expects, with no other
+setup: a malformed branch query is 400 before the route runs; :class:`~dtmcli.errors.DtmFailure`
+is 409 (where FAILURE is allowed), :class:`~dtmcli.errors.DtmOngoing` 425, DtmDuplicated 200, a
+returned ``{"dtm_result": "FAILURE" | "ONGOING"}`` (a dict or a pydantic model) the same as the
+raised error, and other dtmcli errors 500 (see :func:`dtmcli.branch.error_response`). A returned
+value goes through :func:`dtmcli.branch.success_response` as in every integration, so one whose
+JSON holds the words FAILURE/ONGOING is a 500. A returned Starlette ``Response`` is sent unchanged,
+as Flask and Django send a view's own response: its body is not inspected (return a dict or raise
+DtmFailure to fail). Other exceptions (FastAPI's own HTTPException, validation errors, bugs) go to
+the application's handlers as usual.
+
+:func:`branch_info` (``BranchDep``) injects the validated :class:`~dtmcli.branch.BranchInfo`;
+``PayloadDep`` the JSON body. :func:`add_exception_handlers` maps dtmcli errors for routes that
+are not ``DtmRoute`` routes; :func:`as_response` turns a :func:`dtmcli.branch.handle` answer
+into a response.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+import functools
+import inspect
+from contextvars import ContextVar
+from typing import Annotated, Any, Callable, Coroutine, Optional
 
 from fastapi import Depends
+from fastapi.encoders import jsonable_encoder
+from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..branch import SUCCESS, BranchInfo, BranchRequestError, BranchResponse, error_response, load_payload
+from ..branch import (
+    SUCCESS,
+    BranchInfo,
+    BranchRequestError,
+    BranchResponse,
+    error_response,
+    load_payload,
+    success_response,
+)
 from ..errors import DtmError
 
 __all__ = [
     "SUCCESS",
     "BranchDep",
+    "DtmRoute",
     "PayloadDep",
     "add_exception_handlers",
     "as_response",
     "branch_info",
     "branch_payload",
     "dtm_error_handler",
+    "query_prepared_endpoint",
 ]
+
+# Where DtmRoute keeps the BranchInfo it parsed, so that the dependency does not parse it again.
+_SCOPE_KEY = "dtmcli.branch_info"
+# The same BranchInfo for the endpoint wrapper, which does not see the request (a sync route runs in
+# the thread pool with a copy of the request task's context).
+_CURRENT_INFO: ContextVar[Optional[BranchInfo]] = ContextVar("dtmcli_fastapi_info", default=None)
 
 
 def as_response(answer: BranchResponse) -> Response:
@@ -43,8 +75,9 @@ def as_response(answer: BranchResponse) -> Response:
 
 
 async def branch_info(request: Request) -> BranchInfo:
-    """Dependency: the request's BranchInfo; raises BranchRequestError (answered 400 by the handlers)."""
-    return BranchInfo.from_request(request)
+    """Dependency: the request's BranchInfo; raises BranchRequestError (answered 400)."""
+    info = request.scope.get(_SCOPE_KEY)
+    return info if isinstance(info, BranchInfo) else BranchInfo.from_request(request)
 
 
 async def branch_payload(request: Request) -> Any:
@@ -58,6 +91,85 @@ BranchDep = Annotated[BranchInfo, Depends(branch_info)]
 PayloadDep = Annotated[Any, Depends(branch_payload)]
 
 
+class _Answered(Exception):
+    """A returned value that is not a 200 SUCCESS: DtmRoute's handler sends ``answer`` instead."""
+
+    def __init__(self, answer: BranchResponse) -> None:
+        super().__init__(answer.status)
+        self.answer = answer
+
+
+def _result(value: Any) -> Any:
+    """What the route sends for ``value``: checked by :func:`~dtmcli.branch.success_response`.
+
+    A Response is sent unchanged (as the Flask and Django integrations send their native
+    responses); any other value, JSON-encoded as FastAPI would (pydantic models included), gets
+    the same rules as in every integration: ``dtm_result`` FAILURE/ONGOING is mapped for this op,
+    and a body containing the words FAILURE/ONGOING is a 500. A 200 sends the route's own value
+    through FastAPI as usual (``response_model`` applies); ``None`` sends SUCCESS.
+    """
+    if isinstance(value, Response):
+        return value
+    if value is None:
+        return dict(SUCCESS)
+    answer = success_response(jsonable_encoder(value), _CURRENT_INFO.get())
+    if answer.status != 200:
+        raise _Answered(answer)
+    return value
+
+
+def _checking_result(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint`` (same signature, sync or async) whose return value is checked by :func:`_result`."""
+    if inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(type(endpoint).__call__):
+
+        @functools.wraps(endpoint)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            return _result(await endpoint(*args, **kwargs))
+
+        return run_async
+
+    @functools.wraps(endpoint)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return _result(endpoint(*args, **kwargs))
+
+    return run
+
+
+class DtmRoute(APIRoute):
+    """An APIRoute answering as DTM expects: use ``APIRouter(route_class=DtmRoute)``.
+
+    The query is validated before the route runs (400 when it is not a branch call); dtmcli errors
+    raised by the route or its dependencies are mapped by :func:`dtmcli.branch.error_response` for
+    this call's op, and a returned value by :func:`dtmcli.branch.success_response` (a returned
+    ``Response`` is sent unchanged).
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, _checking_result(endpoint), **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's ASGI handler, wrapped with the branch-call parsing and error mapping."""
+        route_handler = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                info = BranchInfo.from_request(request)
+            except BranchRequestError as exc:
+                return as_response(error_response(exc))
+            request.scope[_SCOPE_KEY] = info
+            token = _CURRENT_INFO.set(info)
+            try:
+                return await route_handler(request)
+            except _Answered as exc:
+                return as_response(exc.answer)
+            except DtmError as exc:
+                return as_response(error_response(exc, info))
+            finally:
+                _CURRENT_INFO.reset(token)
+
+        return handler
+
+
 async def dtm_error_handler(request: Request, exc: Exception) -> Response:
     """Exception handler answering a dtmcli error the way DTM reads it (see ``error_response``)."""
     try:
@@ -68,5 +180,26 @@ async def dtm_error_handler(request: Request, exc: Exception) -> Response:
 
 
 def add_exception_handlers(app: Starlette) -> None:
-    """Install :func:`dtm_error_handler` for every :class:`~dtmcli.errors.DtmError` on ``app``."""
+    """Install :func:`dtm_error_handler` for every :class:`~dtmcli.errors.DtmError` on ``app``.
+
+    Not needed for ``DtmRoute`` routes; for plain routes it maps raised errors (a returned
+    ``dtm_result`` FAILURE is only honoured by ``DtmRoute``).
+    """
     app.add_exception_handler(DtmError, dtm_error_handler)
+
+
+def query_prepared_endpoint(
+    db: Any, *, table: Optional[str] = None, dialect: Optional[str] = None
+) -> Callable[[Request], Response]:
+    """A FastAPI/Starlette endpoint answering DTM's msg ``query_prepared`` from the SQL barrier table.
+
+    ``app.get("/QueryPrepared")(query_prepared_endpoint(engine))``; ``db`` is anything
+    ``@barrier(db=...)`` accepts. It is a plain function, so FastAPI runs the blocking database
+    check in its thread pool; errors are answered by the endpoint itself (no exception handlers needed).
+    """
+    from ._query_prepared import named_view, query_prepared_answer
+
+    def dtm_query_prepared(request: Request) -> Response:
+        return as_response(query_prepared_answer(request, db, table=table, dialect=dialect))
+
+    return named_view(dtm_query_prepared)

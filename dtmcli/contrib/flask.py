@@ -6,8 +6,10 @@
 ...     body = branch_payload(info)
 ...     ...                      # raise DtmFailure("insufficient balance") to fail the try
 ...
-A handler returns ``None`` (200 ``{"dtm_result":"SUCCESS"}``), a dict (merged into that body) or
-its own Flask response; exceptions are mapped by :func:`dtmcli.branch.error_response`.
+A handler returns ``None`` (200 ``{"dtm_result":"SUCCESS"}``), a dict (merged into that body;
+``{"dtm_result": "FAILURE"}`` / ``"ONGOING"`` answer as the raised errors) or its own Flask
+response, sent unchanged (its body is not inspected); exceptions are mapped by
+:func:`dtmcli.branch.error_response`.
 :func:`register_error_handlers` maps dtmcli errors raised by undecorated views the same way.
 """
 
@@ -23,7 +25,7 @@ from ..branch import BranchInfo, BranchRequestError, BranchResponse, error_respo
 from ..errors import DtmError
 from ._common import run_handler
 
-__all__ = ["branch_handler", "branch_payload", "as_response", "register_error_handlers"]
+__all__ = ["branch_handler", "branch_payload", "as_response", "register_error_handlers", "query_prepared_view"]
 
 
 def as_response(answer: BranchResponse) -> flask.Response:
@@ -65,3 +67,21 @@ def register_error_handlers(app: Union[flask.Flask, flask.Blueprint]) -> None:
         return as_response(error_response(exc, info))
 
     app.register_error_handler(DtmError, on_dtm_error)
+
+
+def query_prepared_view(
+    db: Any, *, table: Union[str, None] = None, dialect: Union[str, None] = None
+) -> Callable[[], WerkzeugResponse]:
+    """A Flask view answering DTM's msg ``query_prepared`` from the SQL barrier table.
+
+    ``app.get("/QueryPrepared")(query_prepared_view(pool.connection))``; ``db`` is anything
+    ``@barrier(db=...)`` accepts (see :func:`dtmcli.contrib._query_prepared.query_prepared_answer`).
+    Every view has a name of its own (``dtm_query_prepared_<n>``), so one app may serve several (one
+    per database or table); pass ``endpoint=`` to ``app.get`` for a name ``url_for`` can rely on.
+    """
+    from ._query_prepared import named_view, query_prepared_answer
+
+    def dtm_query_prepared() -> WerkzeugResponse:
+        return as_response(query_prepared_answer(flask.request, db, table=table, dialect=dialect))
+
+    return named_view(dtm_query_prepared)

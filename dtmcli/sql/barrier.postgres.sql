@@ -1,9 +1,10 @@
 -- Sub-transaction barrier table for PostgreSQL (dtmcli; same layout as the Go client's).
--- The constraint must be named uniq_barrier: the barrier's ON CONFLICT clause names it.
-CREATE SCHEMA IF NOT EXISTS dtm_barrier;
-CREATE SEQUENCE IF NOT EXISTS dtm_barrier.barrier_seq;
-CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (
-  id bigint NOT NULL DEFAULT nextval('dtm_barrier.barrier_seq'),
+-- The barrier's insert names the key columns in ON CONFLICT, not this constraint, so any table
+-- name works; the columns use the database's default (deterministic) collation.
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE SEQUENCE IF NOT EXISTS {schema}.{table}_seq;
+CREATE TABLE IF NOT EXISTS {schema}.{table} (
+  id bigint NOT NULL DEFAULT nextval('{schema}.{table}_seq'),
   trans_type varchar(45) NOT NULL DEFAULT '',
   gid varchar(128) NOT NULL DEFAULT '',
   branch_id varchar(128) NOT NULL DEFAULT '',
@@ -13,7 +14,7 @@ CREATE TABLE IF NOT EXISTS dtm_barrier.barrier (
   create_time timestamp(0) with time zone DEFAULT now(),
   update_time timestamp(0) with time zone DEFAULT now(),
   PRIMARY KEY (id),
-  CONSTRAINT uniq_barrier UNIQUE (gid, branch_id, op, barrier_id)
+  CONSTRAINT uniq_{table} UNIQUE (gid, branch_id, op, barrier_id)
 );
-CREATE INDEX IF NOT EXISTS barrier_create_time ON dtm_barrier.barrier (create_time);
-CREATE INDEX IF NOT EXISTS barrier_update_time ON dtm_barrier.barrier (update_time);
+CREATE INDEX IF NOT EXISTS {table}_create_time ON {schema}.{table} (create_time);
+CREATE INDEX IF NOT EXISTS {table}_update_time ON {schema}.{table} (update_time);

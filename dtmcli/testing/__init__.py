@@ -12,6 +12,17 @@ saga actions and marking tcc/xa succeed without confirm); workflow, gRPC, JSON-R
 steps are not supported (clear 500 errors); a saga pass waits for every branch call it sent (bounded
 by the request timeout) instead of leaving after ``RequestTimeout+2`` s; saga/msg ``custom_data`` is
 checked at submit (DTM stores it and fails later); ``resetNextCronTime`` works (boltdb ignores it).
+
+Limits (it answers or closes every request promptly): a request body is at most 8 MiB
+(``Content-Length`` or the sum of the chunks; more is answered 413), a malformed ``Content-Length`` or
+chunk size 400, a request not in full 30 s after its first byte (line, headers and body together;
+an idle keep-alive connection has no limit) 408, another ``Transfer-Encoding`` 501; each of these
+closes the connection. JSON nested deeper than Python's
+recursion limit (about 1000 levels; Go allows 10000) is a decode error, answered like any other:
+500 ``exceeded max depth`` on prepare/submit/abort, 400 on registerBranch, as DTM answers bad bodies.
+Options are int64 as in DTM; due times are clamped so that no stored value breaks /query or /all
+(times render between 1970 and 9999), a branch call waits at most a day, and unpaired UTF-16
+surrogate escapes become U+FFFD as in Go.
 """
 
 from .branch_service import Answer, BranchService, Call

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from ._engine import Engine
 from ._httpserver import Handler, Server
+from ._wire import encode_answer
 
 __all__ = ["make_server"]
 
@@ -20,11 +20,8 @@ def make_server(engine: Engine, host: str, port: int) -> Server:
     class DtmHandler(Handler):
         def _serve(self) -> None:
             path, query = self.split_path()
-            try:
-                body = self.read_body()
-            except (ValueError, OSError) as exc:
-                self._answer(400, {"message": f"bad request body: {exc}"})
-                self.close_connection = True
+            body = self.read_body()
+            if body is None:  # refused and answered
                 return
             if not path.startswith("/api/"):
                 self._answer(404, {"message": "404 page not found"})
@@ -37,7 +34,7 @@ def make_server(engine: Engine, host: str, port: int) -> Server:
             self._answer(status, answer)
 
         def _answer(self, status: int, answer: Any) -> None:
-            self.send_bytes(status, json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode())
+            self.send_bytes(status, encode_answer(answer))
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
 

@@ -1,17 +1,43 @@
-"""A small threaded HTTP/1.1 server base: keep-alive, TCP_NODELAY, chunked request bodies, clean close."""
+"""A small threaded HTTP/1.1 server base: keep-alive, TCP_NODELAY, chunked request bodies, clean close.
+
+Request bodies are bounded (:data:`MAX_BODY`); a whole request (line, headers, body) must arrive within
+``read_timeout`` seconds of its first byte (:mod:`._reader`). A request that breaks a rule is answered
+400/408/413/501 and its connection closed.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["Server", "Handler"]
+from ._reader import DeadlineReader, RequestTimeout
+
+__all__ = ["Server", "Handler", "BodyError", "MAX_BODY", "READ_TIMEOUT"]
 
 logger = logging.getLogger("dtmcli.testing")
+
+MAX_BODY = 8 * 1024 * 1024
+"""Largest request body in bytes (Content-Length or the sum of the chunks); larger answers 413."""
+READ_TIMEOUT = 30.0
+"""Seconds a whole request may take to arrive from its first byte (an idle keep-alive has no limit)."""
+
+_LINE = 65536
+_DIGITS = re.compile(rb"[0-9]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+
+
+class BodyError(Exception):
+    """A request body that cannot be read; ``status`` is the answer (the connection is closed after it)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Server(ThreadingHTTPServer):
@@ -20,6 +46,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    max_body = MAX_BODY
+    read_timeout: Optional[float] = READ_TIMEOUT
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
@@ -34,6 +62,11 @@ class Server(ThreadingHTTPServer):
         with self._conns_lock:
             self._conns.add(conn)
         return conn, addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a daemon thread named ``http-PORT-conn`` (findable in thread dumps)."""
+        threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True,
+                         name=f"http-{self.port}-conn").start()
 
     def shutdown_request(self, request: Any) -> None:
         """Forget a finished connection, then close it."""
@@ -79,22 +112,104 @@ class Handler(BaseHTTPRequestHandler):
         """Route http.server's access log to the ``dtmcli.testing`` logger at DEBUG."""
         logger.debug("%s " + format, self.address_string(), *args)
 
-    def read_body(self) -> bytes:
-        """The request body; accepts ``Transfer-Encoding: chunked``."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
-            while True:
-                line = self.rfile.readline(65537)
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                parts.append(self.rfile.read(size))
-                self.rfile.readline(65537)
-            return b"".join(parts)
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+    rfile: DeadlineReader  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        """Read the connection through a :class:`DeadlineReader` (one deadline per request)."""
+        super().setup()
+        self.rfile.close()  # the buffered reader socketserver made: replaced, not used
+        self.rfile = DeadlineReader(self.connection)
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request without a limit; once its first byte is in, all of it has ``read_timeout``.
+
+        A request line or headers not in by then are answered 408 and the connection closed (the
+        body's own 408 is :meth:`read_body`'s).
+        """
+        self.rfile.next_request(getattr(self.server, "read_timeout", READ_TIMEOUT))
+        self.command, self.requestline, self.request_version = "", "", self.protocol_version
+        try:
+            super().handle_one_request()
+        except RequestTimeout as exc:
+            logger.info("%s: refused request: 408 %s", self.address_string(), exc)
+            self.close_connection = True
+            try:
+                self.send_bytes(408, json.dumps({"message": "request not received in time"}).encode())
+            except OSError:
+                pass
+
+    def read_body(self) -> Optional[bytes]:
+        """The request body (Content-Length or chunked), or ``None`` after answering why it was refused.
+
+        A refused body is answered 400 (malformed), 408 (too slow), 413 (over ``max_body``) or 501
+        (another transfer coding), and the connection is closed: the rest of the stream is unread.
+        """
+        try:
+            return self._read_body(getattr(self.server, "max_body", MAX_BODY))
+        except BodyError as exc:
+            status, message = exc.status, str(exc)
+        except RequestTimeout:
+            status, message = 408, "request body not received in time"
+        except OSError as exc:
+            status, message = 400, f"request body unreadable: {exc}"
+        logger.info("%s %s: refused body: %d %s", self.command, self.path, status, message)
+        self.close_connection = True
+        self.send_bytes(status, json.dumps({"message": message}).encode())
+        return None
+
+    def _read_exact(self, size: int) -> bytes:
+        data = self.rfile.read(size)
+        if len(data) < size:
+            raise BodyError(400, f"request body ended after {len(data)} of {size} bytes")
+        return data
+
+    def _read_line(self) -> bytes:
+        line = self.rfile.readline(_LINE + 1)
+        if len(line) > _LINE:
+            raise BodyError(400, "chunk line too long")
+        if not line:
+            raise BodyError(400, "request body ended inside a chunk")
+        return line
+
+    def _read_body(self, max_body: int) -> bytes:
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:
+            if coding.strip().lower() != "chunked":
+                raise BodyError(501, f"unsupported transfer encoding: {coding!r}")
+            return self._read_chunked(max_body)
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not lengths:
+            return b""
+        if len(lengths) > 1:
+            raise BodyError(400, "conflicting Content-Length headers")
+        raw = lengths.pop().encode("latin-1", "replace")
+        if not _DIGITS.fullmatch(raw):
+            raise BodyError(400, f"bad Content-Length: {raw.decode('latin-1')!r}")
+        if len(raw) > 20 or int(raw) > max_body:
+            raise BodyError(413, f"request body over {max_body} bytes")
+        length = int(raw)
+        return self._read_exact(length) if length else b""
+
+    def _read_chunked(self, max_body: int) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            field = self._read_line().split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(field):
+                raise BodyError(400, f"bad chunk size: {field[:40]!r}")
+            size = int(field, 16) if len(field) <= 16 else max_body + 1
+            if total + size > max_body:
+                raise BodyError(413, f"request body over {max_body} bytes")
+            if size == 0:
+                break
+            parts.append(self._read_exact(size))
+            total += size
+            if self._read_line() not in (b"\r\n", b"\n"):
+                raise BodyError(400, "chunk not followed by CRLF")
+        for _ in range(100):  # trailer lines up to the blank line
+            if self.rfile.readline(_LINE + 1) in (b"\r\n", b"\n", b""):
+                return b"".join(parts)
+        raise BodyError(400, "too many trailer lines")
 
     def split_path(self) -> tuple[str, dict[str, str]]:
         """Path and (single-valued) query of the request."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+import re
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ._store import BranchRecord, TransRecord
 
-__all__ = ["BadInput", "decode_json", "decode_trans", "decode_string_map", "trans_json", "branch_json", "fmt_time"]
+__all__ = [
+    "BadInput", "jtype", "decode_json", "encode_answer", "decode_trans", "decode_string_map", "trans_json",
+    "branch_json", "fmt_time",
+]
 
 
 class BadInput(Exception):
@@ -49,7 +53,8 @@ _FIELDS = {
 }
 
 
-def _jtype(value: Any) -> str:
+def jtype(value: Any) -> str:
+    """The JSON type name Go's decoder uses in its messages."""
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, (int, float)):
@@ -83,6 +88,31 @@ def _go_json_error(exc: json.JSONDecodeError) -> str:
     return f"invalid JSON: {exc.msg} at position {pos}"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _replace_surrogates(value: Any) -> Any:
+    """Lone UTF-16 surrogates (``"\\ud800"`` escapes) become U+FFFD, as in Go's decoder: they cannot be
+    encoded as UTF-8, so stored they would break every later answer that shows them."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def encode_answer(answer: Any) -> bytes:
+    """An API answer as compact UTF-8 JSON; a lone surrogate (from an old store) is sent as U+FFFD."""
+    text = json.dumps(answer, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
+
+
 def decode_json(raw: bytes, status: int = 500) -> Any:
     """Parse a request body as Go does (no NaN/Infinity); errors become :class:`BadInput`."""
     try:
@@ -92,11 +122,14 @@ def decode_json(raw: bytes, status: int = 500) -> Any:
     if not text.strip():
         raise BadInput("unexpected end of JSON input", status)
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
+        return _replace_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
     except json.JSONDecodeError as exc:
         raise BadInput(_go_json_error(exc), status) from None
     except ValueError as exc:
         raise BadInput(str(exc), status) from None
+    except RecursionError:  # Go stops at 10000 levels; Python's parser at its recursion limit (~1000)
+        raise BadInput("exceeded max depth", status) from None
 
 
 def _check(value: Any, gotype: str, where: str, struct: bool = True) -> Any:
@@ -104,7 +137,7 @@ def _check(value: Any, gotype: str, where: str, struct: bool = True) -> Any:
     prefix = "Go struct field " if struct else ""
 
     def fail(v: Any) -> BadInput:
-        return BadInput(f"json: cannot unmarshal {_jtype(v)} into {prefix}{where} of type {gotype}")
+        return BadInput(f"json: cannot unmarshal {jtype(v)} into {prefix}{where} of type {gotype}")
 
     if gotype == "string":
         if value is None:
@@ -155,7 +188,7 @@ def decode_trans(raw: bytes) -> dict[str, Any]:
     """Decode a prepare/submit/abort body into checked fields (absent fields get Go's zero values)."""
     body = decode_json(raw)
     if not isinstance(body, dict):
-        raise BadInput(f"json: cannot unmarshal {_jtype(body)} into Go value of type dtmsvr.TransGlobal")
+        raise BadInput(f"json: cannot unmarshal {jtype(body)} into Go value of type dtmsvr.TransGlobal")
     out: dict[str, Any] = {}
     for name, gotype in _FIELDS.items():
         out[name] = _check(body.get(name), gotype, f"TransGlobal.{name}")
@@ -166,20 +199,33 @@ def decode_string_map(raw: bytes) -> dict[str, str]:
     """Decode a registerBranch body (map[string]string); a wrong type answers 400 as gin's BindJSON does."""
     body = decode_json(raw, status=400)
     if not isinstance(body, dict):
-        raise BadInput(f"json: cannot unmarshal {_jtype(body)} into Go value of type map[string]string", 400)
+        raise BadInput(f"json: cannot unmarshal {jtype(body)} into Go value of type map[string]string", 400)
     out: dict[str, str] = {}
     for key, value in body.items():
         if value is not None and not isinstance(value, str):
-            raise BadInput(f"json: cannot unmarshal {_jtype(value)} into Go struct field .{key} of type string", 400)
+            raise BadInput(f"json: cannot unmarshal {jtype(value)} into Go struct field .{key} of type string", 400)
         out[key] = value or ""
     return out
 
 
+# The range fmt_time renders, safe for any local offset on every platform: 1970 to 9999-01-01.
+_MIN_TS = 0.0
+_MAX_TS = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
 def fmt_time(when: Optional[float]) -> Optional[str]:
-    """RFC 3339 local time with offset, as Go's encoder writes a time.Time."""
+    """RFC 3339 local time with offset, as Go's encoder writes a time.Time.
+
+    Any number renders (clamped to 1970..9999), so no stored due time can break /query or /all.
+    """
     if when is None:
         return None
-    return datetime.fromtimestamp(when).astimezone().isoformat()
+    try:
+        ts = float(when)
+    except OverflowError:  # an int beyond float range
+        ts = _MAX_TS if when > 0 else _MIN_TS
+    ts = min(max(ts, _MIN_TS), _MAX_TS) if ts == ts else _MIN_TS  # ts != ts: NaN
+    return datetime.fromtimestamp(ts).astimezone().isoformat()
 
 
 def branch_json(b: BranchRecord) -> dict[str, Any]:

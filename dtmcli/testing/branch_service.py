@@ -105,6 +105,8 @@ class BranchService:
             def _serve(self) -> None:
                 path, query = self.split_path()
                 raw = self.read_body()
+                if raw is None:  # refused and answered
+                    return
                 headers = {k: v for k, v in self.headers.items()}
                 call = Call(self.command, path, query, headers, raw.decode("utf-8", "replace"))
                 answer = service._answer(call)

@@ -1,5 +1,10 @@
 """pytest plugin for dtmcli: ``--dtm-server URL`` and fixtures for the in-process coordinator.
 
+Opt-in, so that installing the SDK in a service does not add options or fixtures to its test suite:
+put ``pytest_plugins = ["dtmcli.testing.pytest_plugin"]`` in the root ``conftest.py`` (or run
+``pytest -p dtmcli.testing.pytest_plugin``). When the project already defines ``--dtm-server``, its
+option is left alone and the ``dtm`` fixture reads only ``DTM_SERVER``.
+
 Fixtures:
 
 - ``dtm_server``: a started :class:`DtmTestServer` with the manual clock (function scope).
@@ -19,14 +24,37 @@ from .branch_service import BranchService
 from .facade import DtmFacade
 from .server import DtmTestServer
 
+_DEST = "dtmcli_dtm_server"  # our own dest, so a project's --dtm-server is never read by mistake
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--dtm-server URL`` (also read from ``DTM_SERVER``)."""
-    parser.addoption(
-        "--dtm-server",
-        default=os.environ.get("DTM_SERVER", ""),
-        help="run end-to-end tests against this real DTM server (e.g. http://localhost:36789/api/dtmsvr)",
-    )
+
+def _add_dtm_server_option(parser: pytest.Parser) -> None:
+    """Add ``--dtm-server URL`` (also read from ``DTM_SERVER``) unless the project defines it already."""
+    try:
+        parser.addoption(
+            "--dtm-server",
+            dest=_DEST,
+            default="",
+            help="run end-to-end tests against this real DTM server (e.g. http://localhost:36789/api/dtmsvr)",
+        )
+    except ValueError:  # "option names {'--dtm-server'} already added": the project's own option wins
+        pass
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """Loaded from a conftest's ``pytest_plugins``: the project's own options exist already."""
+    if any(str(getattr(p, "__file__", "")).endswith("conftest.py") for p in pluginmanager.get_plugins()):
+        _add_dtm_server_option(parser)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_load_initial_conftests(parser: pytest.Parser) -> Iterator[None]:
+    """Loaded with ``-p`` (before any conftest): add the option once the root conftests have added theirs."""
+    yield
+    _add_dtm_server_option(parser)
+
+
+def _server_url(config: pytest.Config) -> str:
+    return str(config.getoption(_DEST, default="") or os.environ.get("DTM_SERVER", ""))
 
 
 @pytest.fixture
@@ -39,7 +67,7 @@ def dtm_server() -> Iterator[DtmTestServer]:
 @pytest.fixture
 def dtm(request: pytest.FixtureRequest) -> Iterator[DtmFacade]:
     """A coordinator for end-to-end tests: the real ``--dtm-server`` when given, else in process."""
-    url = str(request.config.getoption("--dtm-server") or "")
+    url = _server_url(request.config)
     if url:
         facade = DtmFacade(url=url)
         try:

@@ -367,3 +367,21 @@ def test_nested_from_flask_style_request(dtm: DtmClient) -> None:
         args = TRY_Q
 
     assert Tcc.from_request(FakeRequest(), dtm=dtm).gid == "G1"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason"),
+    [
+        # Flask's jsonify ends the body with a newline; Go reads replies trimmed (resty's String()).
+        (409, '{"error":"insufficient balance"}\n', '{"error":"insufficient balance"} FAILURE'),
+        (200, "  no stock FAILURE\r\n", "no stock FAILURE"),  # " FAILURE" is never doubled
+        (500, '{"error":"db down"}\n', '{"error":"db down"}'),
+    ],
+)
+def test_rollback_reason_reads_the_reply_as_go_does(
+    dtm: DtmClient, rsps: responses.RequestsMock, status: int, body: str, reason: str
+) -> None:
+    rsps.post(f"{BUSI}/try", body=body, status=status)
+    with pytest.raises((DtmFailure, DtmServerError)), tcc_global_transaction(dtm, "GID") as tcc:
+        tcc.call_branch({"amount": 30}, f"{BUSI}/try", f"{BUSI}/confirm", f"{BUSI}/cancel")
+    assert calls(rsps)[-1][2]["rollback_reason"] == reason

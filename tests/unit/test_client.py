@@ -69,10 +69,19 @@ def test_branch_result_reading_order(status: int, body: str, expected: Any) -> N
         (400, b'{"message":"json: cannot unmarshal number"}', DtmServerError),
         (502, b"<html>bad gateway</html>", DtmServerError),
         (500, b"", DtmServerError),
+        # issue 9.11: DTM always answers a JSON object; a 200 that is not one came from something else
+        (200, b"<html><body>Welcome</body></html>", DtmServerError),
+        (200, b"", DtmServerError),
+        (200, b"\x00\xffgarbage", DtmServerError),
+        (200, b'{"dtm_result":', DtmServerError),
+        (200, b'["SUCCESS"]', DtmServerError),
+        (200, b'{"msg":"pong"}', None),  # /api/ping
+        (200, b'{"transaction":null,"branches":[]}', None),
     ],
 )
 def test_dtm_answer_mapping(status: int, body: bytes, error: Any) -> None:
-    err = dtm_error(Response(status, body), path="submit", gid="G1")
+    path = "query" if body.startswith((b'{"transaction"', b'{"msg"')) else "submit"
+    err = dtm_error(Response(status, body), path=path, gid="G1")
     if error is None:
         assert err is None
     else:
@@ -351,3 +360,103 @@ def test_debug_log_redacts_branch_headers(dtm: DtmClient, caplog: pytest.LogCapt
         rsps.post(f"{DTM}/submit", json={"dtm_result": "SUCCESS"})
         Saga(dtm, "G1", branch_headers={"Authorization": "Bearer secret"}).add(f"{BUSI}/a", "", {}).submit()
     assert "Authorization" in caplog.text and "secret" not in caplog.text and "G1" in caplog.text
+
+
+# -- a 200 that is not from DTM (issue 9.11) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["<html><body>Sign in</body></html>", ""])
+@pytest.mark.parametrize("step", ["submit", "prepare", "abort"])
+def test_html_200_is_never_success(dtm: DtmClient, step: str, body: str) -> None:
+    """A proxy, login page or SPA answering 200 HTML must not pass for a registered transaction."""
+    from dtmcli import Msg
+
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/{step}", body=body, status=200, content_type="text/html")
+        with pytest.raises(DtmServerError) as info:
+            if step == "submit":
+                Saga(dtm, "G1").add(f"{BUSI}/a", f"{BUSI}/c", {}).submit()
+            elif step == "prepare":
+                Msg(dtm, "G1").add(f"{BUSI}/a", {}).prepare(f"{BUSI}/qp")
+            else:
+                dtm.post("abort", {"gid": "G1", "trans_type": "msg"})
+        assert info.value.status == 200 and info.value.gid == "G1"
+        assert "not a JSON object" in str(info.value)
+
+
+# -- a 200 JSON object without dtm_result SUCCESS on a transaction-changing call ----------------
+
+NOT_DTM_BODIES = [
+    pytest.param({}, id="empty-object"),
+    pytest.param({"code": 401, "msg": "login required"}, id="gateway-login"),
+    pytest.param({"dtm_result": "OK"}, id="other-result"),
+]
+
+
+@pytest.mark.parametrize("body", NOT_DTM_BODIES)
+@pytest.mark.parametrize(
+    "step", ["submit", "prepare", "abort", "registerBranch", "forceStop", "resetNextCronTime"]
+)
+def test_json_200_without_dtm_success_is_not_from_dtm(dtm: DtmClient, step: str, body: Any) -> None:
+    """DTM answers these calls with {"dtm_result":"SUCCESS"}; a gateway's JSON 200 must not pass for it."""
+    from dtmcli import Msg
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.post(f"{DTM}/{step}", json=body, status=200)
+        rsps.post(f"{DTM}/prepare", json={"dtm_result": "SUCCESS"})
+        rsps.post(f"{DTM}/abort", json={"dtm_result": "SUCCESS"})
+        with pytest.raises(DtmServerError) as info:
+            if step == "submit":
+                Saga(dtm, "G1").add(f"{BUSI}/a", f"{BUSI}/c", {}).submit()
+            elif step == "prepare":
+                Msg(dtm, "G1").add(f"{BUSI}/a", {}).prepare(f"{BUSI}/qp")
+            elif step == "registerBranch":  # as tcc.call_branch and the XA branch helper send it
+                dtm.post(step, {"gid": "G1", "trans_type": "tcc", "branch_id": "01", "data": "{}"})
+            elif step == "forceStop":
+                dtm.force_stop("G1")
+            elif step == "resetNextCronTime":
+                dtm.reset_next_cron_time("G1")
+            else:
+                dtm.post("abort", {"gid": "G1", "trans_type": "msg"})
+    err = info.value
+    assert err.status == 200 and err.gid == "G1"
+    assert f'{step}: HTTP 200 with a body without "dtm_result":"SUCCESS", not an answer from DTM' in str(err)
+
+
+@pytest.mark.parametrize("path", ["query", "all", "newGid", "version", "ping", "prepareWorkflow", "resetCronTime"])
+def test_data_answers_need_no_dtm_result(path: str) -> None:
+    """Calls that answer with data keep accepting any JSON object (DTM adds no dtm_result there)."""
+    assert dtm_error(Response(200, b'{"anything":1}'), path=path) is None
+
+
+def test_every_recorded_200_answer_is_a_success() -> None:
+    """Each 200 DTM v1.19.0 gave the Go client in the traces reads as success, whatever the path."""
+    seen = set()
+    for trace in sorted(traces.TRACES.glob("*.json")):
+        for event in traces.events(trace.stem):
+            answer = event.get("response") or {}
+            if answer.get("status") != 200:
+                continue
+            path = event["request"]["path"].rsplit("/", 1)[-1]
+            body = json.dumps(answer["body"]).encode()
+            assert dtm_error(Response(200, body), path=path) is None, (trace.stem, path, answer["body"])
+            seen.add(path)
+    assert {"prepare", "submit", "abort", "registerBranch", "forceStop", "query", "newGid"} <= seen
+
+
+# -- a deeply nested JSON 200 ------------------------------------------------------------------
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+def test_deeply_nested_json_is_not_json() -> None:
+    assert Response(200, DEEP).json() is None
+    assert Response(200, b'{"a":' * 200_000 + b"1" + b"}" * 200_000).json() is None
+
+
+def test_deeply_nested_200_fails_submit_typed(dtm: DtmClient) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{DTM}/submit", body=DEEP, status=200)
+        with pytest.raises(DtmServerError, match="not a JSON object") as info:
+            Saga(dtm, "G1").add(f"{BUSI}/a", f"{BUSI}/c", {}).submit()
+    assert info.value.gid == "G1"

@@ -1,4 +1,4 @@
-"""Saga submit bodies, pinned to the Go client's recorded bodies (shared/traces/goclient_saga_*)."""
+"""Saga submit bodies, pinned to the Go client's recorded bodies (tests/data/traces/goclient_saga_*)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,7 @@
 """``@barrier(db)``: run a branch handler's database work inside the barrier transaction.
 
-Stacked under a framework integration, which passes ``info=BranchInfo``::
-
-    @app.post("/TransOutCompensate")          # Flask (Django: the same with dtmcli.contrib.django)
-    @branch_handler
-    @barrier(db=pool.connection)
-    def compensate(info: BranchInfo, tx):     # tx: the connection, inside the barrier transaction
-        ...
-
-    @app.post("/TransOutCompensate")          # FastAPI (with add_exception_handlers(app))
-    @barrier(db=engine)
-    def compensate(info: BranchDep, tx=None):
-        ...
-
-Called without ``info`` (the plain form), the first argument is the request or its query mapping
-and the result is the mapped :class:`~dtmcli.branch.BranchResponse`. Duplicate, suspended and
-null-compensation calls answer success without running the handler.
+This is the framework glue of the barrier; the public name is :func:`dtmcli.barrier.barrier`.
+It imports :mod:`dtmcli.branch` and the storage package, and neither imports it back.
 """
 
 from __future__ import annotations
@@ -24,30 +10,18 @@ import functools
 import inspect
 import logging
 import typing
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-from .._consts import RESULT_SUCCESS
-from ..errors import DtmInvalidInput
-
-if TYPE_CHECKING:
-    from ..barrier import BranchBarrier
-    from ..branch import BranchInfo
+from ._barrier.branch_barrier import BranchBarrier
+from ._consts import RESULT_SUCCESS
+from .branch import BranchInfo, BranchRequestError, error_response, handle, raise_for_result
+from .errors import DtmInvalidInput
 
 __all__ = ["barrier"]
 
 logger = logging.getLogger("dtmcli")
 
 _BACKENDS = ("sql", "mongo")
-
-
-def _resolve_db(db: Any) -> Any:
-    if isinstance(db, str):
-        if db == "django" or db.startswith("django:"):
-            from django.db import connections
-
-            return connections[db.split(":", 1)[1] if ":" in db else "default"]
-        raise DtmInvalidInput(f"db {db!r}: pass a connection, factory, engine, 'django' or 'django:<alias>'")
-    return db
 
 
 def barrier(
@@ -64,41 +38,62 @@ def barrier(
     (opened per call, closed after), a SQLAlchemy Engine, a connection/Session, ``"django"`` /
     ``"django:<alias>"``, or — with ``backend="mongo"`` — a MongoClient. The handler gets the
     transaction object as the keyword ``tx_arg`` (the connection, Session or Mongo session).
-    A skipped call (duplicate, suspended, null compensation) returns ``{"dtm_result":"SUCCESS"}``.
+    A skipped call (duplicate, suspended, null compensation) returns ``{"dtm_result":"SUCCESS"}``
+    without running the handler.
+
+    Put it under a framework integration, which passes ``info=BranchInfo``; Flask (Django is the
+    same with ``dtmcli.contrib.django``)::
+
+        @app.post("/TransOutCompensate")
+        @branch_handler
+        @barrier(db=pool.connection)
+        def compensate(info: BranchInfo, tx):
+            ...
+
+    FastAPI: a route of an ``APIRouter(route_class=DtmRoute)`` with ``info: BranchDep``; the
+    transaction argument is hidden from FastAPI's dependency injection::
+
+        router = APIRouter(route_class=DtmRoute)
+
+        @router.post("/TransOutCompensate")
+        @barrier(db=engine)
+        def compensate(info: BranchDep, body: PayloadDep, tx=None):
+            ...
+
+    Called without ``info`` (the plain form), the first argument is the request, its query mapping
+    or a BranchInfo, and the result is the mapped :class:`~dtmcli.branch.BranchResponse`.
     """
     if backend not in _BACKENDS:
         raise DtmInvalidInput(f"barrier backend must be one of {', '.join(_BACKENDS)}, not {backend!r}")
+    # Strings are resolved per call by the SQL barrier's one resolver; refuse a bad one now, not per request.
+    if isinstance(db, str) and (backend == "mongo" or not (db == "django" or db.startswith("django:"))):
+        raise DtmInvalidInput(f"db {db!r}: pass a connection, factory, engine, 'django' or 'django:<alias>'")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(func):
             raise TypeError("@barrier needs a synchronous handler: the database work runs in a blocking transaction")
 
         def run(info: BranchInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            from ..barrier import BranchBarrier
-
-            bb: BranchBarrier = (
-                BranchBarrier(info.trans_type, info.gid, info.branch_id, info.op, table=table)
-                if table is not None else info.barrier()
-            )
-            source = _resolve_db(db)
+            bb = BranchBarrier.from_info(info, table=table)
 
             def busi(tx: Any) -> Any:
-                return func(*args, info=info, **{**kwargs, tx_arg: tx})
+                value = func(*args, info=info, **{**kwargs, tx_arg: tx})
+                # A returned FAILURE/ONGOING is raised here, so the barrier rolls the work back
+                # exactly as for a raised DtmFailure (a later compensation is then a null one).
+                raise_for_result(value)
+                return value
 
-            result = bb.mongo_call(source, busi) if backend == "mongo" else bb.call_with_db(
-                source, busi, dialect=dialect
-            )
-            if result is None:
-                return {"dtm_result": RESULT_SUCCESS}
-            return result
+            if backend == "mongo":
+                result = bb.mongo_call(db, busi)
+            else:
+                result = bb.call_with_db(db, busi, dialect=dialect)
+            return {"dtm_result": RESULT_SUCCESS} if result is None else result
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             info = kwargs.pop("info", None)
             if info is not None:
                 return run(info, args, kwargs)
-            from ..branch import BranchInfo, BranchRequestError, error_response, handle
-
             if not args:
                 raise DtmInvalidInput("@barrier handler called without info= or a request/query argument")
             try:

@@ -1,0 +1,438 @@
+"""SQL connections for the barrier: dialects, error mapping, transaction adapters, connection sources.
+
+Drivers are never imported here at module level: the connection object tells which adapter and
+dialect to use (``type(conn).__module__``), and SQLAlchemy/Django are imported only when such an
+object is passed in. :func:`connection_from` is the one resolver of database sources, shared by the
+barrier, msg, query_prepared and XA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from typing import Any, Iterator, Optional
+
+from ..errors import DtmError, DtmInvalidInput
+from .core import BarrierConflict, BarrierDatabaseError, BarrierIdentity
+
+__all__ = [
+    "DIALECTS",
+    "MARIADB",
+    "MYSQL",
+    "POSTGRES",
+    "adapt",
+    "connection_charset",
+    "connection_from",
+    "detect_dialect",
+    "is_connection_error",
+    "is_retryable",
+    "map_db_error",
+    "normalize_dialect",
+    "require_utf8mb4",
+]
+
+MYSQL = "mysql"
+MARIADB = "mariadb"  # a MySQL dialect; differs only in the DDL's collation
+POSTGRES = "postgres"
+DIALECTS = (MYSQL, POSTGRES)
+_DIALECT_ALIASES = {"mysql": MYSQL, "mariadb": MYSQL, "postgres": POSTGRES, "postgresql": POSTGRES, "pg": POSTGRES}
+
+_MYSQL_DRIVERS = ("pymysql", "MySQLdb", "mysql")
+_PG_DRIVERS = ("psycopg2", "psycopg")
+_DRIVERS = _MYSQL_DRIVERS + _PG_DRIVERS
+
+# Lock wait timeout / deadlock (MySQL); deadlock, lock not available, serialization failure (PostgreSQL).
+_MYSQL_RETRYABLE = frozenset({1205, 1213})
+_PG_RETRYABLE = frozenset({"40P01", "55P03", "40001"})
+# Connection-level failures: gone away, lost, killed, shutdown, packet out of order, not connected.
+_MYSQL_CONNECTION = frozenset({1053, 1927, 2006, 2013, 2014, 2055})
+
+
+def normalize_dialect(dialect: str) -> str:
+    """``mysql`` or ``postgres`` for any accepted spelling; DtmInvalidInput otherwise."""
+    name = _DIALECT_ALIASES.get(str(dialect).lower())
+    if name is None:
+        raise DtmInvalidInput(f"unknown barrier dialect {dialect!r}; use one of {', '.join(DIALECTS)}")
+    return name
+
+
+# --- error mapping ---------------------------------------------------------------------------
+
+
+def _driver_error(exc: BaseException) -> Optional[BaseException]:
+    """The DB-API driver exception behind ``exc`` (itself, SQLAlchemy's ``orig``, Django's cause)."""
+    seen = 0
+    current: Optional[BaseException] = exc
+    while current is not None and seen < 4:
+        if type(current).__module__.split(".")[0] in _DRIVERS:
+            return current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+        seen += 1
+    return None
+
+
+def _error_code(err: BaseException) -> Any:
+    """MySQL drivers: the int error number; PostgreSQL drivers: the SQLSTATE string (or None)."""
+    if type(err).__module__.split(".")[0] in _MYSQL_DRIVERS:
+        args = getattr(err, "args", ())
+        return args[0] if args and isinstance(args[0], int) else None
+    return getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lock wait timeout, deadlock or serialization failure."""
+    err = _driver_error(exc)
+    if err is None:
+        return False
+    code = _error_code(err)
+    return code in _MYSQL_RETRYABLE or code in _PG_RETRYABLE
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a driver error of the connection (lost, killed, closed) rather than of SQL."""
+    err = _driver_error(exc)
+    if err is None:
+        return False
+    code = _error_code(err)
+    if code in _MYSQL_CONNECTION or (isinstance(code, str) and code[:2] in ("08", "57")):
+        return True
+    return type(err).__name__ in ("OperationalError", "InterfaceError") and not isinstance(code, (int, str))
+
+
+def map_db_error(exc: BaseException, what: str, barrier: Optional[BarrierIdentity] = None) -> DtmError:
+    """The typed error for a database exception: BarrierConflict when retryable, else BarrierDatabaseError."""
+    where: dict[str, Any] = {}
+    if barrier is not None:
+        where = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
+    if is_retryable(exc):
+        return BarrierConflict(f"barrier {what}: lock conflict, retry later: {exc}", **where)
+    return BarrierDatabaseError(f"barrier {what} failed: {type(exc).__name__}: {exc}", **where)
+
+
+def _is_db_exception(exc: BaseException) -> bool:
+    return _driver_error(exc) is not None or type(exc).__module__.split(".")[0] in ("sqlalchemy", "django")
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+class _Adapter:
+    """One way of running the barrier's statements in a local transaction."""
+
+    dialect: str
+    conn: Any
+    driver: str = ""
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    def execute(self, sql: str, params: tuple[str, ...]) -> int:
+        """Run ``sql`` (``%s`` placeholders) and return ``cursor.rowcount``."""
+        raise NotImplementedError
+
+    def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def fetch_one(self, sql: str, params: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+        rows = self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+    def dbapi_connection(self) -> Any:
+        """The driver's own connection behind this adapter (inside the barrier's transaction)."""
+        return self.conn
+
+
+class _DbApiAdapter(_Adapter):
+    """A plain DB-API connection: the barrier opens, commits and rolls back its own transaction."""
+
+    def __init__(self, conn: Any, dialect: str) -> None:
+        self.conn = conn
+        self.dialect = dialect
+        self.driver = type(conn).__module__.split(".")[0]
+        self._restore_autocommit: Optional[bool] = None
+
+    def _in_transaction(self) -> bool:
+        if self.driver == "psycopg2":
+            import psycopg2.extensions as ext
+
+            return bool(self.conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE)
+        if self.driver == "psycopg":
+            return int(self.conn.info.transaction_status) != 0  # pq.TransactionStatus.IDLE
+        if self.driver == "pymysql":
+            from pymysql.constants import SERVER_STATUS
+
+            return bool(self.conn.server_status & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
+        return False
+
+    def begin(self) -> None:
+        if self._in_transaction():
+            raise DtmInvalidInput(
+                "the connection has an open transaction; commit or roll it back before a barrier call, "
+                "or pass a SQLAlchemy/Django transaction for the barrier to join"
+            )
+        if self.driver in _PG_DRIVERS:
+            if self.conn.autocommit:
+                self._restore_autocommit = True
+                self.conn.autocommit = False
+            return  # psycopg opens the transaction with the first statement
+        if self.driver == "pymysql" and not self.conn.get_autocommit():
+            return  # with autocommit off the first INSERT opens the transaction: no BEGIN round trip
+        # Open the transaction explicitly: with autocommit on, the barrier rows would otherwise commit
+        # on their own and a failed business call would leave them behind (every retry a "duplicate").
+        if hasattr(self.conn, "begin"):  # PyMySQL, MySQLdb
+            self.conn.begin()
+        elif hasattr(self.conn, "start_transaction"):  # mysql-connector
+            self.conn.start_transaction()
+        else:
+            raise DtmInvalidInput(
+                f"cannot open a transaction on a {type(self.conn).__module__}.{type(self.conn).__name__} "
+                "connection: use PyMySQL, MySQLdb, mysql-connector, psycopg2 or psycopg, or a SQLAlchemy "
+                "Connection/Session"
+            )
+
+    def _done(self) -> None:
+        if self._restore_autocommit is not None:
+            self.conn.autocommit = self._restore_autocommit
+            self._restore_autocommit = None
+
+    def commit(self) -> None:
+        self.conn.commit()
+        self._done()
+
+    def rollback(self) -> None:
+        try:
+            self.conn.rollback()
+        finally:
+            if not getattr(self.conn, "closed", False):
+                self._done()
+
+    def execute(self, sql: str, params: tuple[str, ...]) -> int:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return int(cur.rowcount)
+        finally:
+            cur.close()
+
+    def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return [tuple(row) for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def fetch_one(self, sql: str, params: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql, params)
+            row = cur.fetchone()
+            return tuple(row) if row is not None else None
+        finally:
+            cur.close()
+
+
+def _to_named(sql: str) -> str:
+    count = iter(range(100))
+    return re.sub(r"%s", lambda _m: f":p{next(count)}", sql)
+
+
+class _SqlAlchemyAdapter(_Adapter):
+    """A SQLAlchemy Connection or Session: join its transaction through a savepoint, or own one."""
+
+    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
+        self.conn = conn
+        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
+        self.dialect = normalize_dialect(dialect or bind.dialect.name)
+        self._trans: Any = None
+
+    def begin(self) -> None:
+        self._trans = self.conn.begin_nested() if self.conn.in_transaction() else self.conn.begin()
+
+    def commit(self) -> None:
+        self._trans.commit()
+
+    def rollback(self) -> None:
+        self._trans.rollback()
+
+    def dbapi_connection(self) -> Any:
+        sa_conn = self.conn.connection() if hasattr(self.conn, "get_bind") else self.conn  # Session -> Connection
+        return sa_conn.connection.dbapi_connection
+
+    def execute(self, sql: str, params: tuple[str, ...]) -> int:
+        from sqlalchemy import text
+
+        result = self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)})
+        return int(result.rowcount)
+
+    def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        from sqlalchemy import text
+
+        result = self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)})
+        return [tuple(row) for row in result.fetchall()]
+
+
+class _DjangoAdapter(_Adapter):
+    """A Django connection: runs inside ``transaction.atomic`` (a savepoint when already in one)."""
+
+    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
+        from django.db import connections
+
+        self.conn = connections[conn.alias]
+        self.dialect = normalize_dialect(dialect or self.conn.vendor)
+        self._atomic: Any = None
+
+    def begin(self) -> None:
+        from django.db import transaction
+
+        self._atomic = transaction.atomic(using=self.conn.alias)
+        self._atomic.__enter__()
+
+    def commit(self) -> None:
+        atomic, self._atomic = self._atomic, None
+        atomic.__exit__(None, None, None)
+
+    def rollback(self) -> None:
+        # A failed commit has already left the atomic block (Django rolls the savepoint back itself);
+        # exiting it again would pop the caller's enclosing atomic block and roll back its work.
+        atomic, self._atomic = self._atomic, None
+        if atomic is not None:
+            atomic.__exit__(DtmError, DtmError("barrier rollback"), None)
+
+    def dbapi_connection(self) -> Any:
+        return self.conn.connection
+
+    def execute(self, sql: str, params: tuple[str, ...]) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return int(cur.rowcount)
+
+    def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return [tuple(row) for row in cur.fetchall()]
+
+
+def detect_dialect(conn: Any) -> str:
+    """``mysql`` or ``postgres`` from a DB-API, SQLAlchemy or Django connection."""
+    return adapt(conn, None).dialect
+
+
+def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
+    """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers)."""
+    module = type(conn).__module__
+    top = module.split(".")[0]
+    if top == "sqlalchemy":
+        return _SqlAlchemyAdapter(conn, dialect)
+    if top == "django":
+        return _DjangoAdapter(conn, dialect)
+    if top in _MYSQL_DRIVERS:
+        return _DbApiAdapter(conn, normalize_dialect(dialect or MYSQL))
+    if top in _PG_DRIVERS:
+        return _DbApiAdapter(conn, normalize_dialect(dialect or POSTGRES))
+    if dialect is not None and hasattr(conn, "cursor") and hasattr(conn, "commit"):
+        return _DbApiAdapter(conn, normalize_dialect(dialect))
+    raise DtmInvalidInput(
+        f"cannot tell the SQL dialect of a {module}.{type(conn).__name__}; pass dialect='mysql' or 'postgres'"
+    )
+
+
+# --- connection character set (MySQL) ------------------------------------------------------------
+
+# Character sets of connections whose driver does not expose it, read once per connection object.
+_charsets: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def connection_charset(adapter: _Adapter) -> str:
+    """The character set of a MySQL connection (``utf8mb4``, ``utf8``, ``latin1`` ...), lower case.
+
+    PyMySQL and mysqlclient (``character_set_name()``) and mysql-connector (``charset``) tell it
+    without a round trip; for other drivers ``@@character_set_connection`` is read once per connection.
+    """
+    raw = adapter.dbapi_connection()
+    name = getattr(raw, "character_set_name", None)
+    if callable(name):
+        return _text(name()).lower()
+    charset = getattr(raw, "charset", None)
+    if isinstance(charset, str):
+        return charset.lower()
+    try:
+        return _charsets[raw]
+    except (KeyError, TypeError):  # TypeError: the connection cannot be weakly referenced
+        pass
+    row = adapter.fetch_one("select @@character_set_connection", ())
+    value = _text(row[0]).lower() if row else ""
+    with contextlib.suppress(TypeError):
+        _charsets[raw] = value
+    return value
+
+
+def require_utf8mb4(adapter: _Adapter, where: Optional[dict[str, Any]] = None) -> None:
+    """Refuse a MySQL connection whose character set is not utf8mb4 (BarrierDatabaseError).
+
+    Over such a connection (``utf8`` = utf8mb3 cannot hold characters beyond U+FFFF) the server turns
+    a character it cannot convert into ``?`` and INSERT IGNORE keeps only a warning: two distinct
+    gids would then share barrier rows and the second transaction's business effect would be
+    skipped as a duplicate. DTM passes any non-control character in a gid, so refuse up front.
+    """
+    if adapter.dialect != MYSQL:
+        return
+    charset = connection_charset(adapter)
+    if charset == "utf8mb4":
+        return
+    raise BarrierDatabaseError(
+        f"the MySQL connection's character set is {charset or 'unknown'!r}, not utf8mb4: ids with characters "
+        "it cannot hold would be stored as '?' and distinct transactions would share barrier rows; connect "
+        "with charset utf8mb4 (e.g. pymysql.connect(..., charset='utf8mb4'))",
+        **(where or {}),
+    )
+
+
+# --- connection sources -------------------------------------------------------------------------
+
+
+def _is_factory(db: Any) -> bool:
+    return callable(db) and not hasattr(db, "cursor") and not hasattr(db, "execute")
+
+
+@contextlib.contextmanager
+def connection_from(db: Any) -> Iterator[Any]:
+    """The one place that turns every accepted database source into a connection for one call.
+
+    ``db`` is a connection (DB-API, SQLAlchemy Connection/Session or Django connection: used as
+    is), a SQLAlchemy Engine (a connection is checked out and returned), ``"django"`` /
+    ``"django:<alias>"`` (that Django connection), or a zero-argument factory such as a pool's
+    ``connection`` (called, and the connection closed afterwards; for pools, close returns it).
+    """
+    if isinstance(db, str):
+        if db == "django" or db.startswith("django:"):
+            from django.db import connections
+
+            yield connections[db.split(":", 1)[1] if ":" in db else "default"]
+            return
+        raise DtmInvalidInput(f"db {db!r}: pass a connection, factory, engine, 'django' or 'django:<alias>'")
+    if _is_factory(db):
+        conn = db()
+        try:
+            yield conn
+        finally:
+            conn.close()
+        return
+    if type(db).__module__.startswith("sqlalchemy") and hasattr(db, "connect") and hasattr(db, "dispose"):
+        with db.connect() as sa_conn:
+            yield sa_conn
+        return
+    yield db
+
+
+def _text(value: Any) -> str:
+    """A driver value as str (some drivers return bytes for names and versions)."""
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)

@@ -1,0 +1,48 @@
+"""The framework-neutral msg ``query_prepared`` handler behind the Flask, FastAPI and Django ones."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Optional, TypeVar
+
+from .._consts import MSG
+from ..barrier import BranchBarrier
+from ..branch import BranchInfo, BranchResponse, handle_query
+from ..errors import BranchRequestError
+
+__all__ = ["query_prepared_answer", "named_view"]
+
+ViewT = TypeVar("ViewT", bound=Callable[..., Any])
+_VIEW_NUMBERS = itertools.count(1)
+
+
+def named_view(view: ViewT) -> ViewT:
+    """``view`` with a name of its own (``dtm_query_prepared_<n>``).
+
+    Flask names an endpoint after its view function and refuses a second view of the same name, and
+    Starlette names routes the same way: one app may serve several query_prepared views (one per
+    database or barrier table), so no two views share a name.
+    """
+    name = f"dtm_query_prepared_{next(_VIEW_NUMBERS)}"
+    view.__name__ = view.__qualname__ = name
+    return view
+
+
+def query_prepared_answer(
+    request: Any, db: Any, *, table: Optional[str] = None, dialect: Optional[str] = None
+) -> BranchResponse:
+    """Answer DTM's msg ``query_prepared`` call in ``request`` from the SQL barrier table.
+
+    ``db`` is anything ``@barrier(db=...)`` and :meth:`~dtmcli.msg.Msg.do_and_submit_db` accept (a
+    connection factory or pool, a SQLAlchemy Engine/Connection/Session, a DB-API or Django
+    connection, ``"django"``). 200 SUCCESS when the local transaction committed, 409 FAILURE when it
+    was rolled back (or never ran), 400 for a request that is not a msg query_prepared call,
+    425/500 for database trouble.
+    """
+
+    def check(info: BranchInfo) -> None:
+        if info.trans_type != MSG:
+            raise BranchRequestError(f"query_prepared is a msg call, not {info.trans_type}", gid=info.gid)
+        BranchBarrier.for_msg(info.gid, table=table).query_prepared(db, dialect=dialect)
+
+    return handle_query(request, check)
