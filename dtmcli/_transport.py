@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import math
 import os
 import socket
 import threading
@@ -36,12 +35,18 @@ logger = logging.getLogger("dtmcli")
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
+MAX_TIMEOUT = 1e9
+"""The longest timeout in seconds (about 31 years); sockets refuse much larger ones with OverflowError."""
+
+
 def check_timeout(value: Any, what: str = "timeout") -> Optional[float]:
     """``value`` if it is a positive, finite number of seconds or ``None`` (no deadline), else DtmInvalidInput."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise DtmInvalidInput(f"{what} must be a positive number of seconds, or None for no deadline, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT:
+        raise DtmInvalidInput(
+            f"{what} must be a positive number of seconds up to 1e9, or None for no deadline, not {value!r}"
+        )
     return value
 
 # -- fork safety ---------------------------------------------------------------------------------
@@ -53,28 +58,28 @@ def check_timeout(value: Any, what: str = "timeout") -> Optional[float]:
 # finalizer of a collected pool takes its queue lock), and closing a socket must not send anything
 # (TLS close_notify, shutdown) on a connection the parent still uses. They stay referenced from
 # _inherited for the child's lifetime; their descriptors (a few per fork) leak in the child by design.
-# The same finalizers also run at interpreter exit for live pools: the hook turns that off for every
-# pool that exists at fork time (the OS closes the child's descriptors at exit anyway).
+# The same finalizers also run when an inherited pool the child never used is collected, and at exit:
+# the hook detaches them for every pool that exists at fork time (the OS closes the descriptors).
 
 _pid = os.getpid()
 _renew_lock = threading.Lock()
 _inherited: list[Any] = []
 
 
-def _no_pool_finalizers_at_exit() -> None:
+def _detach_pool_finalizers() -> None:
     close_pool = getattr(urllib3.connectionpool, "_close_pool_connections", None)  # urllib3 2.x
     registry: Any = getattr(weakref.finalize, "_registry", {})  # CPython's weakref.py
     for finalizer in list(registry):
         info = finalizer.peek()
         if info is not None and info[1] is close_pool:
-            finalizer.atexit = False
+            finalizer.detach()  # neither when collected nor at exit: its lock may be a dead thread's
 
 
 def _after_fork_in_child() -> None:
     global _pid, _renew_lock
     _pid = os.getpid()
     _renew_lock = threading.Lock()
-    _no_pool_finalizers_at_exit()
+    _detach_pool_finalizers()
 
 
 if hasattr(os, "register_at_fork"):
@@ -206,7 +211,13 @@ def _with_deadline_adapter(adapter: HTTPAdapter) -> None:
     SOCKS proxies are not: their pool classes are customised, so each read keeps requests' per-read
     timeout there.
     """
-    _with_deadline(adapter.poolmanager)
+    if getattr(adapter, "_dtmcli_deadline", False):  # one wrapper per adapter, however many transports
+        return
+    for manager in (adapter.poolmanager, *adapter.proxy_manager.values()):
+        if manager.pools and _with_deadline(manager).pool_classes_by_scheme is _DEADLINE_POOLS:
+            manager.clear()  # a session used already: its pools hold plain connections
+        _with_deadline(manager)
+    adapter._dtmcli_deadline = True  # type: ignore[attr-defined]
     if isinstance(adapter, _DeadlineAdapter):
         return
     plain = adapter.proxy_manager_for

@@ -7,7 +7,7 @@ import functools
 import inspect
 import logging
 import threading
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, ClassVar, Generic, Optional, TypeVar
@@ -152,6 +152,15 @@ class TwoPhaseTrans(TransBase):
 # chooses among the transactions a runner has entered (GlobalTransaction._entered), which are the truth:
 # a framework may run __enter__ and __exit__ in two different copies of one context (FastAPI runs each
 # step of a sync ``yield`` dependency through run_in_threadpool), so an entry set here can be lost.
+def _same_context(token: Token[Any]) -> bool:
+    """True when the current context is the very one ``token`` was set in (a copy of it is not)."""
+    try:
+        _ACTIVE.reset(token)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 _ACTIVE: ContextVar[tuple[tuple[GlobalTransaction[Any], TwoPhaseTrans], ...]] = ContextVar(
     "dtmcli_global_transactions", default=()
 )
@@ -176,10 +185,14 @@ class GlobalTransaction(Generic[T2]):
     be entered with ``with`` by several threads or asyncio tasks at once, and nested: each exit
     finishes the innermost transaction entered in its own context (:mod:`contextvars`). An exit
     that runs in another copy of the context than its enter (a sync FastAPI ``yield`` dependency)
-    finishes the transaction when it is the only one open on this object; when several are open,
-    it cannot tell which one is its own and raises DtmInvalidInput without finishing any: they stay
-    prepared and DTM cancels them after ``timeout_to_fail``. Create the runner inside such a
-    dependency (``with tcc_global_transaction(...) as tcc: yield tcc``) and this never happens.
+    finishes the transaction when it is the only one open on this object; an entry the exit's
+    context inherited from an enclosing ``with`` (a copy of its context, not the context itself)
+    is never taken for its own. When several are open, it cannot tell which one is its own and
+    raises DtmInvalidInput without finishing any: they stay prepared and DTM cancels them after
+    ``timeout_to_fail``. Create the runner inside such a dependency
+    (``with tcc_global_transaction(...) as tcc: yield tcc``) and this never happens. An exit
+    without an enter of its own (a double exit, ``ExitStack.push``) is a bug this cannot detect
+    when one transaction is open: it finishes that one.
 
     The body must be synchronous: ``async def`` functions are refused with DtmInvalidInput
     before anything is sent, since the transaction would be submitted before the coroutine runs.
@@ -190,6 +203,7 @@ class GlobalTransaction(Generic[T2]):
         self._kind = kind
         self._lock = threading.Lock()
         self._entered: list[TwoPhaseTrans] = []  # entered with ``with`` and not exited yet
+        self._tokens: dict[int, Token[Any]] = {}  # id(trans) -> the _ACTIVE token of its enter
 
     def _refuse_async(self, func: Any, *, returned: bool = False) -> None:
         if returned or _is_async(func):
@@ -203,9 +217,10 @@ class GlobalTransaction(Generic[T2]):
     def __enter__(self) -> T2:
         trans = self._factory()
         trans.prepare()
+        token = _ACTIVE.set((*_ACTIVE.get(), (self, trans)))
         with self._lock:
             self._entered.append(trans)
-        _ACTIVE.set((*_ACTIVE.get(), (self, trans)))
+            self._tokens[id(trans)] = token
         return trans
 
     def __exit__(
@@ -219,9 +234,9 @@ class GlobalTransaction(Generic[T2]):
         with self._lock:
             entered = self._entered
             # This context's entries of this runner, minus those another context already finished.
-            mine = [i for i, (gt, t) in enumerate(active) if gt is self and t in entered]
-            if mine:
-                trans = active[mine[-1]][1]
+            mine = [t for gt, t in active if gt is self and t in entered]
+            if mine and _same_context(self._tokens[id(mine[-1])]):
+                trans = mine[-1]
             elif len(entered) == 1:
                 trans = entered[0]  # entered in another copy of this context (see the class docstring)
             elif not entered:
@@ -235,6 +250,7 @@ class GlobalTransaction(Generic[T2]):
                     "with-block (e.g. inside the dependency) instead of sharing one"
                 )
             entered[:] = [e for e in entered if e is not trans]
+            del self._tokens[id(trans)]
         _ACTIVE.set(tuple(a for a in active if a[0] is not self or a[1] in entered))
         return trans
 

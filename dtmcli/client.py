@@ -75,7 +75,11 @@ class DtmClient:
     ) -> None:
         check_http_url(url, "DTM server URL")
         if timeout is _TRANSPORT_TIMEOUT:
-            timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", None)
+            timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", DEFAULT_TIMEOUT)
+            try:
+                check_timeout(timeout)
+            except DtmInvalidInput:  # a custom transport's own notion (a tuple, a Timeout object)
+                timeout = DEFAULT_TIMEOUT
         self.timeout: Optional[float] = check_timeout(timeout)
         self.url = url.rstrip("/")
         self.transport: Transport = transport if transport is not None else default_transport(self.timeout)

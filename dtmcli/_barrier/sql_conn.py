@@ -149,6 +149,27 @@ class _Adapter:
         """The driver's own connection behind this adapter (inside the barrier's transaction)."""
         return self.conn
 
+    def refuse_aborted(self) -> None:
+        """Before COMMIT: refuse a PostgreSQL transaction the business code left aborted.
+
+        A database error the business code caught and swallowed aborts a PostgreSQL transaction, and
+        psycopg then turns COMMIT into a silent ROLLBACK: the barrier would answer SUCCESS for work
+        (and barrier rows) that never committed, and DTM would never call again.
+        """
+        raw = self.dbapi_connection()
+        driver = type(raw).__module__.split(".")[0]
+        if driver == "psycopg2":
+            aborted = raw.get_transaction_status() == 3  # psycopg2.extensions.TRANSACTION_STATUS_INERROR
+        elif driver == "psycopg":
+            aborted = int(raw.info.transaction_status) == 3  # psycopg.pq.TransactionStatus.INERROR
+        else:
+            aborted = False
+        if aborted or getattr(self.conn, "needs_rollback", False) is True:  # Django marks it too
+            raise BarrierDatabaseError(
+                "the transaction was aborted by a database error the business code caught; nothing is "
+                "committed (let the error propagate, or roll back to a savepoint before going on)"
+            )
+
 
 class _DbApiAdapter(_Adapter):
     """A plain DB-API connection: the barrier opens, commits and rolls back its own transaction."""
@@ -204,6 +225,7 @@ class _DbApiAdapter(_Adapter):
             self._restore_autocommit = None
 
     def commit(self) -> None:
+        self.refuse_aborted()
         self.conn.commit()
         self._done()
 
@@ -258,6 +280,7 @@ class _SqlAlchemyAdapter(_Adapter):
         self._trans = self.conn.begin_nested() if self.conn.in_transaction() else self.conn.begin()
 
     def commit(self) -> None:
+        self.refuse_aborted()
         self._trans.commit()
 
     def rollback(self) -> None:
@@ -297,6 +320,7 @@ class _DjangoAdapter(_Adapter):
         self._atomic.__enter__()
 
     def commit(self) -> None:
+        self.refuse_aborted()
         atomic, self._atomic = self._atomic, None
         atomic.__exit__(None, None, None)
 

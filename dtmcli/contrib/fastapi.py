@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextvars import ContextVar
+import json
 from typing import Annotated, Any, Callable, Coroutine, Optional
 
 from fastapi import Depends
-from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -64,9 +63,7 @@ __all__ = [
 
 # Where DtmRoute keeps the BranchInfo it parsed, so that the dependency does not parse it again.
 _SCOPE_KEY = "dtmcli.branch_info"
-# The same BranchInfo for the endpoint wrapper, which does not see the request (a sync route runs in
-# the thread pool with a copy of the request task's context).
-_CURRENT_INFO: ContextVar[Optional[BranchInfo]] = ContextVar("dtmcli_fastapi_info", default=None)
+
 
 
 def as_response(answer: BranchResponse) -> Response:
@@ -91,35 +88,39 @@ BranchDep = Annotated[BranchInfo, Depends(branch_info)]
 PayloadDep = Annotated[Any, Depends(branch_payload)]
 
 
-class _Answered(Exception):
-    """A returned value that is not a 200 SUCCESS: DtmRoute's handler sends ``answer`` instead."""
-
-    def __init__(self, answer: BranchResponse) -> None:
-        super().__init__(answer.status)
-        self.answer = answer
+_NATIVE = "_dtmcli_native"  # marks a Response the route returned itself (sent unchanged)
 
 
 def _result(value: Any) -> Any:
-    """What the route sends for ``value``: checked by :func:`~dtmcli.branch.success_response`.
-
-    A Response is sent unchanged (as the Flask and Django integrations send their native
-    responses); any other value, JSON-encoded as FastAPI would (pydantic models included), gets
-    the same rules as in every integration: ``dtm_result`` FAILURE/ONGOING is mapped for this op,
-    and a body containing the words FAILURE/ONGOING is a 500. A 200 sends the route's own value
-    through FastAPI as usual (``response_model`` applies); ``None`` sends SUCCESS.
-    """
+    """The route's return value as FastAPI should send it: ``None`` is SUCCESS; a Response is marked
+    as the route's own, so the handler sends it unchanged (as Flask and Django send native ones)."""
     if isinstance(value, Response):
+        setattr(value, _NATIVE, True)
         return value
-    if value is None:
-        return dict(SUCCESS)
-    answer = success_response(jsonable_encoder(value), _CURRENT_INFO.get())
-    if answer.status != 200:
-        raise _Answered(answer)
-    return value
+    return dict(SUCCESS) if value is None else value
+
+
+def _checked(response: Response, info: BranchInfo) -> Optional[Response]:
+    """The answer to send instead of ``response`` when its body breaks the rules, else ``None``.
+
+    The check reads the body FastAPI serialised (after ``response_model``), not the route's raw
+    value: what DTM reads is what counts. It gets the rules of every integration
+    (:func:`~dtmcli.branch.success_response`): ``dtm_result`` FAILURE/ONGOING is mapped for this
+    op, and a body holding the words FAILURE/ONGOING is a 500.
+    """
+    body = getattr(response, "body", None)
+    if getattr(response, _NATIVE, False) or response.status_code != 200 or not isinstance(body, bytes) or not body:
+        return None
+    try:
+        value: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        value = body.decode("utf-8", "replace")
+    answer = success_response(value, info)
+    return None if answer.status == 200 else as_response(answer)
 
 
 def _checking_result(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-    """``endpoint`` (same signature, sync or async) whose return value is checked by :func:`_result`."""
+    """``endpoint`` (same signature, sync or async) whose return value goes through :func:`_result`."""
     if inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(type(endpoint).__call__):
 
         @functools.wraps(endpoint)
@@ -157,15 +158,11 @@ class DtmRoute(APIRoute):
             except BranchRequestError as exc:
                 return as_response(error_response(exc))
             request.scope[_SCOPE_KEY] = info
-            token = _CURRENT_INFO.set(info)
             try:
-                return await route_handler(request)
-            except _Answered as exc:
-                return as_response(exc.answer)
+                response = await route_handler(request)
+                return _checked(response, info) or response
             except DtmError as exc:
                 return as_response(error_response(exc, info))
-            finally:
-                _CURRENT_INFO.reset(token)
 
         return handler
 

@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 from .server import DtmTestServer
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse options, serve until SIGINT/SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m dtmcli.testing", description=__doc__)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dtmcli.testing") -> int:
+    """Parse options, serve until SIGINT/SIGTERM (also ``dtmcli coordinator``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=36789)
     parser.add_argument("--sqlite", metavar="PATH", help="keep state in this SQLite file (resumed on restart)")

@@ -12,7 +12,7 @@ import pytest
 import requests
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from web_servers import serve_asgi
 
 from dtmcli import DtmDuplicated, DtmFailure
@@ -23,6 +23,19 @@ TRY = "gid=G-route&trans_type=tcc&branch_id=01"
 
 class Amount(BaseModel):
     amount: int
+
+
+class Account(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    balance: int
+
+
+class Row:
+    """An ORM-style object only ``response_model`` can serialise; its ``note`` is not in the model."""
+
+    def __init__(self) -> None:
+        self.id, self.balance, self.note = 1, 90, "no FAILURE here"
 
 
 class Outcome(BaseModel):
@@ -68,6 +81,14 @@ def base() -> Iterator[str]:
     @router.post("/own-response")
     def own_response(info: BranchDep) -> JSONResponse:
         return JSONResponse({"dtm_result": "FAILURE"}, headers={"X-Own": "1"})
+
+    @router.post("/orm", response_model=Account)
+    def orm(info: BranchDep) -> Any:
+        return Row()
+
+    @router.post("/generator")
+    def generator(info: BranchDep) -> Any:
+        return (i * 10 for i in range(3))
 
     app.include_router(router)
     with serve_asgi(app) as url:
@@ -123,3 +144,12 @@ def test_returned_response_is_sent_unchanged(base: str) -> None:
     # As Flask and Django send a view's own response: the route chose the status and body itself.
     r = post(base, "/own-response", "try")
     assert (r.status_code, r.json(), r.headers["X-Own"]) == (200, {"dtm_result": "FAILURE"}, "1")
+
+
+def test_the_body_fastapi_sends_is_checked_not_the_raw_value(base: str) -> None:
+    # The check reads what DTM reads: the body after response_model (the ORM pattern), and a returned
+    # generator is consumed once, by FastAPI.
+    r = post(base, "/orm", "try")
+    assert (r.status_code, r.json()) == (200, {"id": 1, "balance": 90})
+    r = post(base, "/generator", "try")
+    assert (r.status_code, r.json()) == (200, [0, 10, 20])

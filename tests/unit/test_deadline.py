@@ -142,6 +142,36 @@ def test_own_session_gets_the_deadline(drip: DripServer) -> None:
     transport.session.close()
 
 
+def test_own_session_used_before_gets_the_deadline() -> None:
+    """Pools a session made before it was given to the transport hold plain connections: they are replaced."""
+    server = DripServer(len(ANSWER))  # answers at once for the warm-up
+    session = requests.Session()
+    session.trust_env = False
+    url = f"http://127.0.0.1:{server.port}/x"
+    try:
+        session.get(url, timeout=5)  # the application used its session first: a plain pool for this host
+        server.fast = 0  # from now on it drips
+        transport = RequestsTransport(session, timeout=TIMEOUT)
+        started = time.monotonic()
+        with pytest.raises(DtmTimeout):
+            transport.request("GET", url)
+        assert time.monotonic() - started < TIMEOUT + 0.5
+    finally:
+        server.close()
+        session.close()
+
+
+def test_one_wrapper_per_adapter_however_many_transports() -> None:
+    session = requests.Session()
+    adapter = session.get_adapter("http://x")
+    RequestsTransport(session, timeout=TIMEOUT)
+    wrapped = adapter.proxy_manager_for
+    for _ in range(2000):
+        RequestsTransport(session, timeout=TIMEOUT)
+    assert adapter.proxy_manager_for is wrapped
+    session.close()
+
+
 def test_deadline_is_only_active_inside_a_call() -> None:
     """The user's own use of a session given to the transport keeps requests' per-read semantics."""
     drip = DripServer(HEADER_LEN)
@@ -206,6 +236,25 @@ def test_default_client_one_deadline(drip: DripServer) -> None:
     client.close()
 
 
+@pytest.mark.parametrize("own", [(3, 27), "fast", object(), None, 5.0])
+def test_a_custom_transports_own_timeout_notion_is_not_an_error(own: Any) -> None:
+    """A custom transport whose ``timeout`` is its own thing (a tuple, a Timeout object) or missing:
+    the client keeps the default deadline; a valid number or None (no deadline) is taken as it is."""
+
+    class Custom:
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("not called")
+
+        def close(self) -> None:
+            pass
+
+    custom = Custom()
+    if own != "missing":
+        custom.timeout = own  # type: ignore[attr-defined]
+    expected = own if own is None or isinstance(own, float) else 10.0
+    assert DtmClient("http://127.0.0.1:1/api/dtmsvr", transport=custom).timeout == expected  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("factory", TRANSPORTS)
 def test_client_timeout_defaults_to_the_transports(factory: Callable[..., Transport]) -> None:
     """Without timeout=, a client keeps the timeout of the transport it is given (as before)."""
@@ -268,7 +317,7 @@ def test_timeout_none_means_no_deadline(transport: str, monkeypatch: pytest.Monk
         assert factory(timeout=None).timeout is None
 
 
-@pytest.mark.parametrize("bad", [True, False, 0, 0.0, -1, -0.5, float("nan"), float("inf"), "5", [1]])
+@pytest.mark.parametrize("bad", [True, False, 0, 0.0, -1, -0.5, float("nan"), float("inf"), 1e10, "5", [1]])
 def test_bad_timeout_is_refused_at_construction(bad: Any) -> None:
     for build in (
         lambda: DtmClient("http://127.0.0.1:1/api/dtmsvr", timeout=bad),

@@ -350,6 +350,36 @@ def test_pool_queue_lock_held_at_fork(coordinator: DtmTestServer, factory: Calla
     client.close()
 
 
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_child_drops_an_unused_inherited_client(coordinator: DtmTestServer, factory: Callable[[], Transport]) -> None:
+    """A client the child never uses (replaced, evicted, per request) is collected there without running
+    urllib3's finalizer, which would wait on a queue lock held by a parent thread that does not exist."""
+    clients = [DtmClient(coordinator.url, transport=factory())]  # the only reference: the child drops it
+    clients[0].query(local_gid())
+    mutex = _pool_of(clients[0].transport, coordinator.url).pool.mutex
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with mutex:
+            held.set()
+            release.wait(10)
+
+    def child() -> dict[str, Any]:
+        clients.clear()
+        gc.collect()
+        return {"ok": DtmClient(coordinator.url, transport=factory()).query(local_gid()) is None}
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        report = _child_finishes(child)
+    finally:
+        release.set()
+        t.join()
+    assert report["ok"] and report["exit"] == 0, report
+
+
 _EXIT_SCRIPT = """
 import os, sys, threading
 from dtmcli import DtmClient

@@ -242,3 +242,17 @@ def test_decorated_calls_are_not_open_with_blocks(dtm: DtmFacade) -> None:
 
     gid = body()
     assert dtm.wait_status(gid).status == "succeed" and dtm.wait_status(outer.gid).status == "succeed"
+
+
+def test_an_inherited_entry_is_not_taken_for_the_exits_own(dtm: DtmFacade) -> None:
+    """An inner enter/exit of the same runner in copies of the context (a sync FastAPI dependency inside
+    an outer ``with``): the inner exit's copy inherits the outer entry, which is not its own. It must
+    neither abort the outer transaction nor leave it to be submitted in place of the failed inner one."""
+    runner = tcc_global_transaction(dtm.url)
+    with runner as outer:
+        inner = contextvars.copy_context().run(runner.__enter__)
+        with pytest.raises(DtmInvalidInput, match="2 of its transactions are open"):
+            contextvars.copy_context().run(runner.__exit__, ValueError, ValueError("inner failed"), None)
+        assert outer.state == inner.state == "prepared"
+    assert outer.state == "submitted" and dtm.wait_status(outer.gid).status == "succeed"
+    assert inner.state == "prepared"  # never submitted: DTM cancels it after timeout_to_fail
