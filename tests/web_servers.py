@@ -1,4 +1,4 @@
-"""Serve a Flask/Django (WSGI) or FastAPI (ASGI) app over real HTTP on 127.0.0.1 for a test.
+"""Serve a Flask/Django (WSGI) or FastAPI (ASGI) app, or a stdlib handler, over real HTTP on 127.0.0.1 for a test.
 
 >>> with serve_wsgi(app) as base:
 ...     requests.post(f"{base}/busi?...")
@@ -9,7 +9,25 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler], **attrs: Any) -> Iterator[ThreadingHTTPServer]:
+    """Serve a stdlib request handler; ``attrs`` are set on the server (the handler reads them)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 import pytest
+from web_servers import serve_http
 
 from dtmcli import DtmClient, Msg, local_gid
 from dtmcli._transport import RequestsTransport, Transport, Urllib3Transport
@@ -158,15 +159,8 @@ class _PeerRecorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def peer_server() -> Iterator[ThreadingHTTPServer]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _PeerRecorder)
-    srv.peers = []  # type: ignore[attr-defined]
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join()
+    with serve_http(_PeerRecorder, peers=[]) as srv:
+        yield srv
 
 
 @pytest.mark.parametrize("factory", TRANSPORTS)

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from web_servers import serve_http
 
 from dtmcli import DtmClient
 from dtmcli import client as client_module
@@ -49,17 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[ThreadingHTTPServer]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.closed = 0  # type: ignore[attr-defined]
-    srv.lock = threading.Lock()  # type: ignore[attr-defined]
-    srv.slow_started = threading.Event()  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join()
+    with serve_http(_Handler, closed=0, lock=threading.Lock(), slow_started=threading.Event()) as srv:
+        yield srv
 
 
 @pytest.fixture(autouse=True, params=["requests", "urllib3"])

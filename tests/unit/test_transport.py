@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from web_servers import serve_http
 
 from dtmcli import DtmClient, DtmInvalidInput, DtmTimeout, DtmTransportError, Msg, Saga
 from dtmcli._transport import RequestsTransport, Transport, Urllib3Transport, default_transport
@@ -44,15 +44,8 @@ class Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[ThreadingHTTPServer]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    srv.seen = []  # type: ignore[attr-defined]
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join()
+    with serve_http(Recorder, seen=[]) as srv:
+        yield srv
 
 
 TRANSPORTS = [pytest.param(RequestsTransport, id="requests"), pytest.param(Urllib3Transport, id="urllib3")]
