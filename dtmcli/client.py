@@ -16,7 +16,7 @@ from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
 from ._transport import Transport, check_timeout, default_transport
-from ._validate import check_gid, check_http_url, check_non_negative_int
+from ._validate import check_http_url, check_non_negative_int, check_received_gid
 from .errors import DtmError, DtmInvalidInput, DtmServerError, DtmTimeout
 
 __all__ = ["DtmClient", "new_gid", "local_gid", "DtmLike"]
@@ -201,7 +201,7 @@ class DtmClient:
 
     def query(self, gid: str) -> Optional[Transaction]:
         """The stored transaction with its branches, or ``None`` when DTM does not know the gid."""
-        check_gid(gid)
+        check_received_gid(gid)  # a query parameter, never SQL: any gid DTM could have stored
         resp = self.call("GET", "query", params={"gid": gid}, gid=gid, idempotent=True)
         body = parse_json_object(resp, path="query", gid=gid)
         trans = body.get("transaction")
@@ -251,11 +251,11 @@ class DtmClient:
 
     def force_stop(self, gid: str) -> None:
         """Move a non-final transaction to ``failed`` without compensating (``POST forceStop``)."""
-        self.post("forceStop", {"gid": check_gid(gid)})
+        self.post("forceStop", {"gid": check_received_gid(gid)})
 
     def reset_next_cron_time(self, gid: str) -> None:
         """Make DTM retry ``gid`` now (effective on SQL stores; boltdb ignores it)."""
-        self.post("resetNextCronTime", {"gid": check_gid(gid)})
+        self.post("resetNextCronTime", {"gid": check_received_gid(gid)})
 
     def ping(self) -> bool:
         """True when the server answers ``/api/ping``."""

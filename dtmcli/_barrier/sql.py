@@ -151,7 +151,8 @@ class Finding:
     """One problem :func:`barrier_preflight` found with a barrier table (``dtmcli doctor`` reports these)."""
 
     code: str
-    """``missing_table``, ``case_insensitive`` (or accent-insensitive), ``pad_space``, ``narrow_charset``
+    """``missing_table``, ``missing_column``, ``missing_unique_key``, ``case_insensitive`` (or
+    accent-insensitive, or PostgreSQL citext), ``pad_space`` (or PostgreSQL char(n)), ``narrow_charset``
     (key columns not in utf8mb4) or ``connection_charset`` (the connection itself is not utf8mb4)."""
     table: str
     message: str
@@ -180,26 +181,31 @@ def _mysql_column_problems(data_type: str, charset: Optional[str], collation: Op
 
 def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
     schema, name = split_table(table)
+    # One round trip: the last column says whether a unique key covers exactly the four key columns
+    # (a prefix index does not count: long ids sharing the prefix would collide).
     sql = (
-        "select column_name, data_type, character_set_name, collation_name, version() from information_schema.columns "
-        "where table_schema = coalesce(%s, database()) and table_name = %s and column_name in "
-        "('gid', 'branch_id', 'op', 'barrier_id')"
+        "select column_name, data_type, character_set_name, collation_name, version(), exists(select 1 from "
+        "information_schema.statistics where table_schema = coalesce(%s, database()) and table_name = %s and "
+        "non_unique = 0 group by index_name having count(*) = 4 and group_concat(if(sub_part is null, "
+        "lower(column_name), '') order by lower(column_name)) = 'barrier_id,branch_id,gid,op') "
+        "from information_schema.columns where table_schema = coalesce(%s, database()) and table_name = %s "
+        "and column_name in ('gid', 'branch_id', 'op', 'barrier_id')"
     )
-    rows = adapter.fetch_all(sql, (schema, name))
+    rows = adapter.fetch_all(sql, (schema, name, schema, name))
     if not rows:
         return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
                         "`python -m dtmcli.sql ddl mysql`")]
-    problems: dict[str, list[str]] = {}
     flavour = MARIADB if "mariadb" in _text(rows[0][4]).lower() else MYSQL
-    for column, data_type, charset, collation, _version in rows:
+    findings = _key_findings(table, flavour, {_text(r[0]) for r in rows}, bool(rows[0][5]))
+    problems: dict[str, list[str]] = {}
+    for column, data_type, charset, collation, _version, _unique in rows:
         column, data_type = _text(column), _text(data_type)
         charset = _text(charset) if charset is not None else None
         collation = _text(collation) if collation is not None else None
         for kind in _mysql_column_problems(data_type, charset, collation):
             problems.setdefault(kind, []).append(f"{column} ({charset if kind == 'narrow_charset' else collation})")
     fix = f"convert the key columns to utf8mb4 and binary: {mysql_migration(table, flavour)}"
-    findings = []
     if "narrow_charset" in problems:
         findings.append(Finding(
             "narrow_charset", table,
@@ -225,26 +231,70 @@ def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
 
 
 def _check_postgres(adapter: _Adapter, table: str) -> list[Finding]:
+    # One round trip; the last column: a unique index usable by ON CONFLICT (no expression, no
+    # predicate, not deferred) on exactly the four key columns.
     sql = (
-        "select a.attname, c.collname, c.collisdeterministic from pg_attribute a "
-        "left join pg_collation c on c.oid = a.attcollation "
-        "where a.attrelid = to_regclass(%s) and a.attname in ('gid', 'branch_id', 'op', 'barrier_id')"
+        "select a.attname, c.collname, c.collisdeterministic, t.typname, exists(select 1 from pg_index i "
+        "where i.indrelid = to_regclass(%s) and i.indisunique and i.indimmediate and i.indpred is null "
+        "and i.indexprs is null and (select array_agg(k.attname::text order by k.attname::text) from "
+        "unnest(i.indkey) n(num) left join pg_attribute k on k.attrelid = i.indrelid and k.attnum = n.num) "
+        "= array['barrier_id', 'branch_id', 'gid', 'op']) from pg_attribute a "
+        "join pg_type t on t.oid = a.atttypid left join pg_collation c on c.oid = a.attcollation "
+        "where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped "
+        "and a.attname in ('gid', 'branch_id', 'op', 'barrier_id')"
     )
-    rows = adapter.fetch_all(sql, (table,))
+    rows = adapter.fetch_all(sql, (table, table))
     if not rows:
         return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
                         "`python -m dtmcli.sql ddl postgres`")]
-    loose = [(_text(col), _text(coll)) for col, coll, deterministic in rows if deterministic is False]
-    if not loose:
+    findings = _key_findings(table, "postgres", {_text(r[0]) for r in rows}, bool(rows[0][4]))
+    loose = [(_text(col), _text(coll)) for col, coll, deterministic, _t, _u in rows if deterministic is False]
+    citext = [_text(col) for col, _c, _d, typ, _u in rows if _text(typ) == "citext"]
+    padded = [_text(col) for col, _c, _d, typ, _u in rows if _text(typ) == "bpchar"]
+
+    def retype(columns: list[str]) -> str:
+        return f"ALTER TABLE {table} " + ", ".join(
+            f'ALTER COLUMN {col} TYPE varchar({_KEY_LENGTHS[col]}) COLLATE "C"' for col in columns
+        ) + ";"
+
+    if loose:
+        findings.append(Finding(
+            "case_insensitive", table,
+            f"barrier table {table} compares {', '.join(f'{c} ({k})' for c, k in loose)} with a nondeterministic "
+            "collation: distinct gids can share barrier rows", retype([c for c, _ in loose]),
+        ))
+    if citext:
+        findings.append(Finding(
+            "case_insensitive", table,
+            f"barrier table {table} stores {', '.join(citext)} as citext, which compares case-insensitively: "
+            "gids such as 'Order-x' and 'order-x' share barrier rows", retype(citext),
+        ))
+    if padded:
+        findings.append(Finding(
+            "pad_space", table,
+            f"barrier table {table} stores {', '.join(padded)} as char(n), which ignores trailing spaces: "
+            "gids 'x' and 'x ' share barrier rows", retype(padded),
+        ))
+    return findings
+
+
+def _key_findings(table: str, dialect: str, present: set[str], unique: bool) -> list[Finding]:
+    """``missing_column`` / ``missing_unique_key``: without a unique key on exactly the four key columns,
+    a repeated branch call is not recognised as a duplicate and its business effect runs twice."""
+    keys = list(_KEY_LENGTHS)
+    new_table = f"recreate it from `python -m dtmcli.sql ddl {dialect} --table {table}`"
+    missing = [k for k in keys if k not in present]
+    if missing:
+        return [Finding("missing_column", table, f"barrier table {table} lacks the key column(s) "
+                        f"{', '.join(missing)}", new_table)]
+    if unique:
         return []
-    fix = f"ALTER TABLE {table} " + ", ".join(
-        f'ALTER COLUMN {col} TYPE varchar({_KEY_LENGTHS[col]}) COLLATE "C"' for col, _ in loose
-    ) + ";"
     return [Finding(
-        "case_insensitive", table,
-        f"barrier table {table} compares {', '.join(f'{c} ({k})' for c, k in loose)} with a nondeterministic "
-        "collation: distinct gids can share barrier rows", fix,
+        "missing_unique_key", table,
+        f"barrier table {table} has no unique key on exactly (gid, branch_id, op, barrier_id): duplicate or "
+        "late branch calls are not detected, so business effects can run twice or after a rollback",
+        f"ALTER TABLE {table} ADD UNIQUE (gid, branch_id, op, barrier_id); or {new_table}",
     )]
 
 

@@ -11,8 +11,10 @@ Exit codes:
 - 1: failed or not found (an unknown gid, ``watch`` ending ``failed`` or at ``--timeout``, DTM
   refusing the call, e.g. ``force-stop`` of a finished transaction, a ``doctor`` check failing)
 - 2: usage (bad arguments or gid, ``force-stop`` without ``--yes`` when stdin is not a terminal)
-- 3: cannot reach DTM (connection refused, timeout, other transport errors); ``doctor`` exits 3
+- 3: cannot reach DTM (connection refused, timeout, other transport errors, HTTP 502/503/504 from a
+  proxy at its address); ``doctor`` exits 3
   when DTM being unreachable is its only failing check, 1 when anything else failed too
+- 130: interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import sys
 from typing import Any, Optional, Sequence, TextIO
 
 from .._consts import TRANS_TYPES
-from ..errors import DtmError, DtmInvalidInput, DtmTransportError
-from ._base import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, Io, client_for, dtm_url
-from ._render import parse_since
+from ..errors import DtmError, DtmInvalidInput, DtmServerError, DtmTransportError
+from ._base import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, Io, client_for, dtm_url, redact, shown_url
+from ._render import clean, parse_since
 
 __all__ = ["main"]
 
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+_GATEWAY_DOWN = (502, 503, 504)
 _STATUSES = ("prepared", "submitted", "aborting", "succeed", "failed")
 _DDL_DIALECTS = ("mysql", "mariadb", "postgres", "postgresql", "mongo")
 
@@ -143,6 +147,9 @@ def _dispatch(args: argparse.Namespace, io: Io) -> int:
             return coordinator(args.args, prog="dtmcli coordinator")
         except SystemExit as exc:  # its argparse: --help, or a usage error
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        except OSError as exc:  # e.g. the port is in use
+            io.err(f"dtmcli coordinator: cannot start: {exc.strerror or exc}")
+            return EXIT_USAGE
     url = dtm_url(args.dtm)
     if args.command == "doctor":
         from ..barrier import DEFAULT_TABLE
@@ -174,14 +181,28 @@ def main(
         args = parser.parse_args(argv)
     except _Exit as exc:
         return exc.status
+    url = dtm_url(getattr(args, "dtm", None))
+
+    def say(text: object) -> None:  # what DTM or a transport error said: no secrets, no terminal escapes
+        io.err(clean(redact(str(text), url)))
+
     try:
         return _dispatch(args, io)
+    except KeyboardInterrupt:
+        io.err("dtmcli: interrupted")
+        return EXIT_INTERRUPTED
     except DtmInvalidInput as exc:
-        io.err(f"dtmcli: error: {exc}")
+        say(f"dtmcli: error: {exc}")
         return EXIT_USAGE
     except DtmTransportError as exc:
-        io.err(f"dtmcli: cannot reach DTM: {exc}")
+        say(f"dtmcli: cannot reach DTM: {exc}")
         return EXIT_UNREACHABLE
+    except DtmServerError as exc:
+        if exc.status in _GATEWAY_DOWN:  # a proxy in front of DTM answers, DTM does not
+            say(f"dtmcli: cannot reach DTM: HTTP {exc.status} from {shown_url(url, '--dtm URL')}")
+            return EXIT_UNREACHABLE
+        say(f"dtmcli: {exc}")
+        return EXIT_FAILED
     except DtmError as exc:
-        io.err(f"dtmcli: {exc}")
+        say(f"dtmcli: {exc}")
         return EXIT_FAILED

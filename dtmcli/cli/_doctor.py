@@ -8,18 +8,19 @@ Checks: DTM reachable and its version; clock skew against DTM's HTTP ``Date`` he
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .._barrier.sql import Finding
 from ..errors import DtmError, DtmTransportError
-from ._base import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, Io, client_for
-from ._render import to_json
+from ._base import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, Io, client_for, redact, shown_url
+from ._render import clean, to_json
 
 __all__ = ["Check", "DbTarget", "doctor_exit_code", "parse_db_url", "prepared_transactions_check", "run_doctor",
            "skew_check"]
@@ -40,8 +41,8 @@ class Check:
 
     def line(self) -> str:
         """``OK   name: detail`` with ``-> fix`` on the next line when there is one."""
-        text = f"{self.status:<4} {self.name}: {self.detail}\n"
-        return text + (f"     fix: {self.fix}\n" if self.fix else "")
+        text = f"{self.status:<4} {clean(self.name)}: {clean(self.detail)}\n"
+        return text + (f"     fix: {clean(self.fix)}\n" if self.fix else "")
 
 
 def doctor_exit_code(checks: list[Check]) -> int:
@@ -73,9 +74,14 @@ def skew_check(date_header: Optional[str], sent: float, received: float) -> Chec
 
 
 def _date_header(url: str, timeout: float) -> tuple[Optional[str], float, float]:
+    parts = urlsplit(f"{url}/version")
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+    if parts.username is not None:  # urllib does not take user info in the URL; requests sends it as basic auth
+        user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(user_pass).decode())
     sent = time.time()
     try:
-        with urllib.request.urlopen(f"{url}/version", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             header = resp.headers.get("Date")
     except urllib.error.HTTPError as exc:
         header = exc.headers.get("Date")
@@ -84,23 +90,23 @@ def _date_header(url: str, timeout: float) -> tuple[Optional[str], float, float]
 
 def check_dtm(url: str, timeout: float) -> list[Check]:
     """DTM answers ``version`` (and ``ping``), and how far its clock is from ours."""
-    name = f"DTM {url}"
+    name = f"DTM {shown_url(url, '--dtm URL')}"
     try:
         with client_for(url, timeout) as dtm:
             version = dtm.version()
             dtm.ping()
     except DtmTransportError as exc:
-        return [Check(FAIL, name, f"cannot reach DTM: {exc}",
+        return [Check(FAIL, name, f"cannot reach DTM: {redact(str(exc), url)}",
                       "start DTM, or pass its address with --dtm / DTMCLI_SERVER (http://host:36789/api/dtmsvr)",
                       unreachable=True)]
     except DtmError as exc:
-        return [Check(FAIL, name, f"something answered, but not like DTM: {exc}",
+        return [Check(FAIL, name, f"something answered, but not like DTM: {redact(str(exc), url)}",
                       "check that the URL ends in /api/dtmsvr and points at DTM, not a proxy or another service")]
     checks = [Check(OK, name, f"reachable, version {version or '(empty)'}")]
     try:
         checks.append(skew_check(*_date_header(url, timeout)))
     except (OSError, ValueError) as exc:
-        checks.append(Check(WARN, "clock skew", f"not measured: {exc}"))
+        checks.append(Check(WARN, "clock skew", f"not measured: {redact(str(exc), url)}"))
     return checks
 
 
@@ -123,13 +129,6 @@ class DbTarget:
     shown: str
 
 
-def _without_password(parts: SplitResult) -> str:
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    return parts._replace(netloc=netloc).geturl()
-
-
 def parse_db_url(url: str) -> DbTarget:
     """``mysql://user:pass@host:3306/db``, ``mariadb://...``, ``postgresql://...`` (``+driver`` ignored).
 
@@ -137,7 +136,7 @@ def parse_db_url(url: str) -> DbTarget:
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower().partition("+")[0]
-    shown = _without_password(parts) if parts.netloc else "(the --db URL)"
+    shown = shown_url(url, "--db URL")
     if scheme not in _SCHEMES:
         raise ValueError(f"{shown}: the scheme must be mysql, mariadb, postgres or postgresql")
     try:
@@ -147,11 +146,14 @@ def parse_db_url(url: str) -> DbTarget:
     if not parts.hostname:
         raise ValueError(f"{shown}: no host")
     database = unquote(parts.path.lstrip("/")) or None
+    user = unquote(parts.username) if parts.username is not None else None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    shown = f"{parts.scheme}://{user + '@' if user else ''}{host}{'' if port is None else f':{port}'}/{database or ''}"
     return DbTarget(
         dialect=_SCHEMES[scheme],
         host=parts.hostname,
         port=port,
-        user=unquote(parts.username) if parts.username is not None else None,
+        user=user,
         password=unquote(parts.password) if parts.password is not None else None,
         database=database,
         shown=shown,
@@ -169,7 +171,8 @@ def connect(target: DbTarget, timeout: float) -> Any:
     if target.dialect == "mysql":
         return driver.connect(
             host=target.host, port=target.port or 3306, user=target.user or "root", password=target.password or "",
-            database=target.database, charset="utf8mb4", connect_timeout=seconds,
+            database=target.database, charset="utf8mb4", connect_timeout=seconds, read_timeout=seconds,
+            write_timeout=seconds,
         )
     kwargs = {"host": target.host, "port": target.port or 5432, "user": target.user, "password": target.password,
               "dbname": target.database, "connect_timeout": seconds}
@@ -221,7 +224,7 @@ def _xa_checks(conn: Any, target: DbTarget) -> list[Check]:
     except Exception as exc:
         fix = "grant the user XA rights (MySQL 8: GRANT XA_RECOVER_ADMIN ON *.* TO user)" \
             if target.dialect == "mysql" else ""
-        return [Check(FAIL, name, f"XA is not usable: {exc}", fix)]
+        return [Check(FAIL, name, f"XA is not usable: {redact(str(exc))}", fix)]
     if setting is not None:
         return [Check(OK, name, f"{setting.detail}; a probe transaction was prepared and rolled back")]
     return [Check(OK, name, "XA START/PREPARE/ROLLBACK and XA RECOVER allowed")]
@@ -241,12 +244,14 @@ def check_db(url: str, table: str, xa: bool, timeout: float) -> list[Check]:
     except ImportError as exc:
         return [Check(FAIL, target.shown, str(exc))]
     except Exception as exc:
-        return [Check(FAIL, target.shown, f"cannot connect: {exc}", "check host, port, user, password and database")]
+        return [Check(FAIL, target.shown, f"cannot connect: {redact(str(exc), url)}",
+                      "check host, port, user, password and database")]
     try:
         try:
             findings = barrier_preflight(conn, table=table, dialect=target.dialect)
         except DtmError as exc:
-            checks = [Check(FAIL, f"barrier table {table}", f"in {target.shown}: cannot check: {exc}")]
+            detail = f"in {target.shown}: cannot check: {redact(str(exc), url)}"
+            checks = [Check(FAIL, f"barrier table {table}", detail)]
         else:
             checks = [finding_check(f) for f in findings] or [
                 Check(OK, f"barrier table {table}", f"in {target.shown}: exists, ids compare exactly")
@@ -270,16 +275,17 @@ def check_redis(url: str, timeout: float) -> list[Check]:
     try:
         client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     except ValueError as exc:
-        return [Check(FAIL, "redis", f"bad --redis URL: {exc}", "use e.g. redis://host:6379/0")]
-    shown = _without_password(urlsplit(url))
+        return [Check(FAIL, "redis", f"bad --redis URL: {redact(str(exc), url)}", "use e.g. redis://host:6379/0")]
+    shown = shown_url(url, "--redis URL")
     try:
         client.ping()
     except redis.RedisError as exc:
-        return [Check(FAIL, shown, f"cannot reach Redis: {exc}", "check the URL, password and that Redis runs")]
+        return [Check(FAIL, shown, f"cannot reach Redis: {redact(str(exc), url)}",
+                      "check the URL, password and that Redis runs")]
     try:
         client.eval("return 1", 0)
     except redis.RedisError as exc:
-        return [Check(FAIL, shown, f"reachable, but EVAL fails: {exc}",
+        return [Check(FAIL, shown, f"reachable, but EVAL fails: {redact(str(exc), url)}",
                       "allow EVAL/EVALSHA for this user (ACL +@scripting); the Redis barrier is a Lua script")]
     finally:
         client.close()

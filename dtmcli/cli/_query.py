@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from .._models import Transaction
 from ..client import DtmClient
 from ._base import EXIT_FAILED, EXIT_OK, Io
-from ._render import changes, list_table, to_json, transaction_json, transaction_text
+from ._render import changes, clean, list_table, to_json, transaction_json, transaction_text
 
 __all__ = ["run_list", "run_query", "run_watch", "since_to_ms", "watch_exit_code"]
 
@@ -48,13 +48,16 @@ def run_list(dtm: DtmClient, args: argparse.Namespace, io: Io) -> int:
     return EXIT_OK
 
 
+_PENDING = ("prepared", "submitted", "aborting")
+
+
 def watch_exit_code(trans: Transaction) -> Optional[int]:
-    """0 once ``succeed``, 1 once ``failed``, ``None`` while not final."""
+    """0 once ``succeed``, 1 once ``failed`` (or a status DTM never uses), ``None`` while not final."""
     if trans.status == "succeed":
         return EXIT_OK
-    if trans.status == "failed":
-        return EXIT_FAILED
-    return None
+    if trans.status in _PENDING:
+        return None
+    return EXIT_FAILED
 
 
 def run_watch(
@@ -79,8 +82,10 @@ def run_watch(
         before = trans
         code = watch_exit_code(trans)
         if code is not None:
+            if trans.status not in ("succeed", "failed"):
+                io.err(f"transaction {args.gid} has a status dtmcli does not know: {clean(trans.status)!r}")
             return code
         if deadline is not None and clock() + args.interval > deadline:
-            io.err(f"transaction {args.gid} is still {trans.status} after {args.timeout:g} s")
+            io.err(f"transaction {args.gid} is still {clean(trans.status)} after {args.timeout:g} s")
             return EXIT_FAILED
         sleep(args.interval)

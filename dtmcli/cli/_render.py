@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Iterable, Optional, Sequence
 
 from .._models import Branch, Transaction
 
-__all__ = ["branch_key", "changes", "list_table", "parse_since", "table", "to_json", "transaction_json",
+__all__ = ["branch_key", "changes", "clean", "list_table", "parse_since", "table", "to_json", "transaction_json",
            "transaction_text"]
 
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -24,15 +25,21 @@ def parse_since(text: str) -> float:
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 1h, 2d, 1w)")
     seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration too long: {text!r}")
     if seconds <= 0:
         raise ValueError(f"duration must be positive, not {text!r}")
     return seconds
 
 
-def _cell(value: Optional[str]) -> str:
-    # Whatever DTM stored is shown on one line: a newline in a reason must not fake a table row.
-    text = value or "-"
+def clean(text: str) -> str:
+    """``text`` with every unprintable character (escape sequences, newlines) as a space: what DTM sent
+    must neither fake output lines nor steer the terminal."""
     return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+def _cell(value: Optional[str]) -> str:
+    return clean(value or "-")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Optional[str]]]) -> str:
@@ -76,9 +83,24 @@ def transaction_json(trans: Transaction) -> dict[str, Any]:
     return {"transaction": dict(trans.raw), "branches": [dict(b.raw) for b in trans.branches]}
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def to_json(value: Any) -> str:
-    """One line of JSON (for ``--json``), newline-terminated."""
-    return json.dumps(value, ensure_ascii=False, sort_keys=True) + "\n"
+    """One line of strict JSON (for ``--json``), newline-terminated: ASCII only (a lone surrogate from
+    DTM is escaped, not an encoding error), NaN and infinities as ``null``."""
+    try:
+        text = json.dumps(value, ensure_ascii=True, sort_keys=True, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(value), ensure_ascii=True, sort_keys=True, allow_nan=False)
+    return text + "\n"
 
 
 def branch_key(b: Branch) -> tuple[str, str]:
@@ -91,9 +113,9 @@ def changes(before: Optional[Transaction], after: Transaction) -> list[str]:
     lines = []
     if before is None or before.status != after.status:
         reason = f" ({_cell(after.rollback_reason)})" if after.rollback_reason and after.status != "succeed" else ""
-        lines.append(f"transaction {after.gid}: {after.status}{reason}")
+        lines.append(f"transaction {_cell(after.gid)}: {_cell(after.status)}{reason}")
     old = {branch_key(b): b.status for b in before.branches} if before is not None else {}
     for b in after.branches:
         if old.get(branch_key(b)) != b.status:
-            lines.append(f"  branch {b.branch_id} {b.op}: {b.status}  {_cell(b.url)}")
+            lines.append(f"  branch {_cell(b.branch_id)} {_cell(b.op)}: {_cell(b.status)}  {_cell(b.url)}")
     return lines

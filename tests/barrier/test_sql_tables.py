@@ -240,7 +240,7 @@ def test_table_check_reports_a_nondeterministic_postgres_collation(pg_schema: An
     cur = conn.cursor()
     cur.execute(f"create collation {schema}.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
     cur.execute(f"create table {schema}.ci_barrier (gid varchar(128) collate {schema}.ci, branch_id varchar(128), "
-                "op varchar(45), barrier_id varchar(45))")
+                "op varchar(45), barrier_id varchar(45), unique (gid, branch_id, op, barrier_id))")
     conn.commit()
     findings = barrier_sql.barrier_preflight(conn, table=f"{schema}.ci_barrier")
     assert [f.code for f in findings] == ["case_insensitive"] and "gid (ci)" in findings[0].message
