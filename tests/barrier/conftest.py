@@ -7,6 +7,7 @@ same databases; the barrier schema is created idempotently once per session.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -172,3 +173,54 @@ def django_conn(postgres_ready: None) -> Iterator[Any]:
     conn = connections[alias]
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def mysql_db() -> Iterator[tuple[str, Callable[..., Any]]]:
+    """A fresh MariaDB database and a factory of PyMySQL connections to it (``charset`` selectable)."""
+    require("mysql")
+    name = f"dtmcli_t_{uuid.uuid4().hex[:10]}"
+    admin = mysql_connect()
+    opened: list[Any] = [admin]
+
+    def connect(charset: str = "utf8mb4") -> Any:
+        import pymysql
+
+        conn = pymysql.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"],
+                               password=MYSQL["password"], database=name, charset=charset)
+        opened.append(conn)
+        return conn
+
+    admin.cursor().execute(f"create database {name}")
+    try:
+        yield name, connect
+    finally:
+        admin.cursor().execute(f"drop database {name}")
+        for conn in opened:
+            conn.close()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[tuple[str, Callable[[], Any]]]:
+    """A fresh PostgreSQL schema and a factory of connections with it first in the search_path."""
+    require("postgres")
+    name = f"dtmcli_t_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2_connect()
+    admin.autocommit = True
+    opened: list[Any] = [admin]
+
+    def connect() -> Any:
+        conn = psycopg2_connect()
+        conn.cursor().execute(f"set search_path to {name}")
+        conn.commit()
+        opened.append(conn)
+        return conn
+
+    admin.cursor().execute(f"create schema {name}")
+    try:
+        yield name, connect
+    finally:
+        for conn in opened[1:]:
+            conn.close()
+        admin.cursor().execute(f"drop schema {name} cascade")
+        admin.close()

@@ -15,42 +15,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
-from conftest import mysql_connect, query_all
-from services import MYSQL, require
+from conftest import query_all
+from services import MYSQL
 
 from dtmcli import BarrierDatabaseError, local_gid
 from dtmcli._barrier import sql as barrier_sql
 from dtmcli.barrier import BranchBarrier, Decision, create_schema, query_prepared
 
 EMOJI_PAIR = ("\U0001F600", "\U0001F601")  # beyond U+FFFF: utf8mb3 cannot hold them
-
-
-@pytest.fixture
-def mysql_db() -> Iterator[tuple[str, Callable[..., Any]]]:
-    """A fresh MariaDB database and a factory of PyMySQL connections to it (``charset`` selectable)."""
-    require("mysql")
-    name = f"dtmcli_z1_{uuid.uuid4().hex[:10]}"
-    admin = mysql_connect()
-    opened: list[Any] = [admin]
-
-    def connect(charset: str = "utf8mb4") -> Any:
-        import pymysql
-
-        conn = pymysql.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"],
-                               password=MYSQL["password"], database=name, charset=charset)
-        opened.append(conn)
-        return conn
-
-    admin.cursor().execute(f"create database {name}")
-    try:
-        yield name, connect
-    finally:
-        admin.cursor().execute(f"drop database {name}")
-        for conn in opened:
-            conn.close()
 
 
 def _rows(conn: Any, table: str, prefix: str) -> list[tuple[Any, ...]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_sql_tables import mysql_db, pg_schema  # noqa: F401  (fixtures)
 
 from dtmcli._barrier import sql as barrier_sql
 
@@ -34,7 +33,7 @@ MYSQL_SUFFIX = " default charset = utf8mb4 collate = utf8mb4_nopad_bin"
     (f"{COLUMNS}, primary key {KEY}", []),
     ("gid varchar(128), branch_id varchar(128), op varchar(45), reason varchar(45)", ["missing_column"]),
 ])
-def test_mysql_key_is_checked(mysql_db: Any, body: str, codes: list[str]) -> None:  # noqa: F811
+def test_mysql_key_is_checked(mysql_db: Any, body: str, codes: list[str]) -> None:
     schema, connect = mysql_db
     conn = connect()
     table = f"{schema}.k_barrier"
@@ -57,7 +56,7 @@ def test_mysql_key_is_checked(mysql_db: Any, body: str, codes: list[str]) -> Non
     (f"{COLUMNS}, primary key (barrier_id, op, branch_id, gid)", []),
     ("gid varchar(128), op varchar(45), barrier_id varchar(45), reason varchar(45)", ["missing_column"]),
 ])
-def test_postgres_key_is_checked(pg_schema: Any, body: str, codes: list[str]) -> None:  # noqa: F811
+def test_postgres_key_is_checked(pg_schema: Any, body: str, codes: list[str]) -> None:
     schema, connect = pg_schema
     conn = connect()
     table = f"{schema}.k_barrier"
@@ -70,7 +69,7 @@ def test_postgres_key_is_checked(pg_schema: Any, body: str, codes: list[str]) ->
         assert barrier_sql.barrier_preflight(conn, table=table) == []
 
 
-def test_postgres_partial_or_expression_unique_index_does_not_count(pg_schema: Any) -> None:  # noqa: F811
+def test_postgres_partial_or_expression_unique_index_does_not_count(pg_schema: Any) -> None:
     schema, connect = pg_schema
     conn = connect()
     table = f"{schema}.p_barrier"
@@ -82,7 +81,7 @@ def test_postgres_partial_or_expression_unique_index_does_not_count(pg_schema: A
 
 
 @pytest.mark.parametrize(("column_type", "code"), [("citext", "case_insensitive"), ("char(128)", "pad_space")])
-def test_postgres_citext_and_char_keys_are_reported(pg_schema: Any, column_type: str, code: str) -> None:  # noqa: F811
+def test_postgres_citext_and_char_keys_are_reported(pg_schema: Any, column_type: str, code: str) -> None:
     schema, connect = pg_schema
     conn = connect()
     cur = conn.cursor()

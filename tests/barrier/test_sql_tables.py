@@ -6,68 +6,16 @@ Every test works in a database (MariaDB) or schema (PostgreSQL) created for it a
 from __future__ import annotations
 
 import logging
-import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
-from conftest import mysql_connect, psycopg2_connect, query_all
-from services import require
+from conftest import query_all
 
 from dtmcli import DtmFailure, DtmInvalidInput, local_gid
 from dtmcli._barrier import sql as barrier_sql
 from dtmcli.barrier import BranchBarrier, Decision, create_schema, ddl, query_prepared
 
 NAMES = ["dtm_barrier_x", "barrier", "barrier2", "dtm_barrier", "app_barrier_log"]
-
-
-@pytest.fixture
-def mysql_db() -> Iterator[tuple[str, Callable[[], Any]]]:
-    """A fresh MariaDB database and a factory of connections whose default database it is."""
-    require("mysql")
-    name = f"dtmcli_f_{uuid.uuid4().hex[:10]}"
-    admin = mysql_connect()
-    opened: list[Any] = [admin]
-
-    def connect() -> Any:
-        import pymysql
-
-        conn = pymysql.connect(host=admin.host, port=admin.port, user="root", password="", database=name)
-        opened.append(conn)
-        return conn
-
-    admin.cursor().execute(f"create database {name}")
-    try:
-        yield name, connect
-    finally:
-        admin.cursor().execute(f"drop database {name}")
-        for conn in opened:
-            conn.close()
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[tuple[str, Callable[[], Any]]]:
-    """A fresh PostgreSQL schema and a factory of connections with it first in the search_path."""
-    require("postgres")
-    name = f"dtmcli_f_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2_connect()
-    admin.autocommit = True
-    opened: list[Any] = [admin]
-
-    def connect() -> Any:
-        conn = psycopg2_connect()
-        conn.cursor().execute(f"set search_path to {name}")
-        conn.commit()
-        opened.append(conn)
-        return conn
-
-    admin.cursor().execute(f"create schema {name}")
-    try:
-        yield name, connect
-    finally:
-        for conn in opened[1:]:
-            conn.close()
-        admin.cursor().execute(f"drop schema {name} cascade")
-        admin.close()
 
 
 @pytest.fixture(params=["mysql", "postgres"])
