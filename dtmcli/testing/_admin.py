@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from .._consts import FAILED, SUCCEED
 from ._rules import INT64_MAX, INT64_MIN, OK, ApiResult, due_time, error, escape_gid, failure
 from ._scheduler import Scheduler
+from ._store import TransRecord
 from ._wire import branch_json, decode_trans, trans_json
 
 __all__ = ["all_trans", "force_stop", "query", "query_json", "reset_cron_time", "reset_next_cron_time"]
@@ -77,13 +78,19 @@ def all_trans(s: Scheduler, params: Mapping[str, str], body: bytes) -> ApiResult
     return 200, {"transactions": body_out if body_out or not gid else None, "next_position": next_position}
 
 
+def _existing(s: Scheduler, gid: str) -> TransRecord:
+    """The stored transaction ``gid`` (under ``s.lock``), or DTM's error for an unknown gid."""
+    rec = s.store.get(gid)
+    if rec is None:
+        raise error(f"no TransGlobal with gid: {gid} found")
+    return rec
+
+
 def force_stop(s: Scheduler, params: Mapping[str, str], body: bytes) -> ApiResult:
     """``/forceStop``: an unfinished transaction becomes failed, without compensation."""
     gid = escape_gid(decode_trans(body)["gid"])
     with s.lock:
-        rec = s.store.get(gid)
-        if rec is None:
-            raise error(f"no TransGlobal with gid: {gid} found")
+        rec = _existing(s, gid)
         if rec.status in (SUCCEED, FAILED):
             raise failure(f"global transaction force stop error. status: {rec.status}. error: FAILURE")
         s.set_status(rec, FAILED, None)
@@ -95,9 +102,7 @@ def reset_next_cron_time(s: Scheduler, params: Mapping[str, str], body: bytes) -
     """``/resetNextCronTime``: the transaction is due now."""
     gid = escape_gid(decode_trans(body)["gid"])
     with s.lock:
-        rec = s.store.get(gid)
-        if rec is None:
-            raise error(f"no TransGlobal with gid: {gid} found")
+        rec = _existing(s, gid)
         rec.next_cron_time = s.clock.now()
         s.store.save(rec)
     return OK

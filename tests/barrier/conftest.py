@@ -224,3 +224,20 @@ def pg_schema() -> Iterator[tuple[str, Callable[[], Any]]]:
             conn.close()
         admin.cursor().execute(f"drop schema {name} cascade")
         admin.close()
+
+
+def open_account(gid: str, initial: int = 0) -> None:
+    """A row of the MariaDB balance table for ``gid``, holding ``initial``."""
+    conn = mysql_connect()
+    execute(conn, f"insert into {BALANCE_TABLE}(user_id, balance) values (%s, %s)", (gid, initial))
+    conn.commit()
+    conn.close()
+
+
+def balance(gid: str) -> int:
+    """The MariaDB balance of ``gid``."""
+    conn = mysql_connect()
+    try:
+        return int(query_all(conn, f"select balance from {BALANCE_TABLE} where user_id = %s", (gid,))[0][0])
+    finally:
+        conn.close()

@@ -6,7 +6,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 import pytest
-from conftest import BALANCE_TABLE, execute, mysql_connect, query_all
+from conftest import BALANCE_TABLE, balance, execute, mysql_connect, open_account
 
 from dtmcli import local_gid
 from dtmcli.barrier import barrier
@@ -14,21 +14,6 @@ from dtmcli.branch import BranchInfo, BranchResponse
 from dtmcli.contrib.fastapi import BranchDep, add_exception_handlers
 
 DELTA = {"action": 10, "compensate": -10}
-
-
-def open_account(gid: str) -> None:
-    conn = mysql_connect()
-    execute(conn, f"insert into {BALANCE_TABLE}(user_id, balance) values (%s, 0)", (gid,))
-    conn.commit()
-    conn.close()
-
-
-def balance(gid: str) -> int:
-    conn = mysql_connect()
-    try:
-        return int(query_all(conn, f"select balance from {BALANCE_TABLE} where user_id = %s", (gid,))[0][0])
-    finally:
-        conn.close()
 
 
 def q(gid: str, op: str) -> str:

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import flask
 import pytest
 import requests
-from conftest import BALANCE_TABLE, execute, mysql_connect, query_all
+from conftest import BALANCE_TABLE, balance, execute, mysql_connect, open_account
 from fastapi import APIRouter, FastAPI
 from web_servers import serve_asgi, serve_wsgi
 
@@ -25,21 +25,6 @@ from dtmcli.contrib.flask import branch_handler
 from dtmcli.testing import Answer, BranchService, Call
 
 DELTA = {"action": -10, "compensate": 10}
-
-
-def open_account(gid: str) -> None:
-    conn = mysql_connect()
-    execute(conn, f"insert into {BALANCE_TABLE}(user_id, balance) values (%s, 100)", (gid,))
-    conn.commit()
-    conn.close()
-
-
-def balance(gid: str) -> int:
-    conn = mysql_connect()
-    try:
-        return int(query_all(conn, f"select balance from {BALANCE_TABLE} where user_id = %s", (gid,))[0][0])
-    finally:
-        conn.close()
 
 
 def work(calls: list[str], info: BranchInfo, tx: Any) -> Any:
@@ -112,7 +97,7 @@ def test_failure_rolls_back_and_compensation_is_null(mysql_ready: None, framewor
     calls: list[str] = []
     with SERVICES[framework](calls) as base:
         gid = f"{how}-{local_gid()}"
-        open_account(gid)
+        open_account(gid, 100)
         r = call(base, gid, "action")
         assert r.status_code == 409 and r.json()["dtm_result"] == "FAILURE"
         assert balance(gid) == 100  # the update made before answering FAILURE was rolled back
@@ -121,7 +106,7 @@ def test_failure_rolls_back_and_compensation_is_null(mysql_ready: None, framewor
         assert calls == ["action"] and balance(gid) == 100  # null compensation: not run
 
         ok = local_gid()
-        open_account(ok)
+        open_account(ok, 100)
         assert call(base, ok, "action").status_code == 200 and balance(ok) == 90
         assert call(base, ok, "action").status_code == 200 and balance(ok) == 90  # duplicate
         assert call(base, ok, "compensate").status_code == 200 and balance(ok) == 100

@@ -213,6 +213,25 @@ def _child_finishes(work: Callable[[], dict[str, Any]], seconds: float = 5.0) ->
     return {"ok": False, "error": "child hung (deadlock)", "exit": -9}
 
 
+def _child_finishes_while_held(lock: Any, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork a child running ``work`` while another parent thread holds ``lock`` (it is inside a pool)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        return _child_finishes(work)
+    finally:
+        release.set()
+        t.join()
+
+
 def test_shared_lock_held_at_fork(coordinator: DtmTestServer) -> None:
     """Another parent thread inside for_url at fork time must not leave the child's lock taken."""
     url = f"{coordinator.url}/fork-{local_gid()}"
@@ -288,21 +307,7 @@ def test_close_in_child_leaves_inherited_pools_alone(
     manager: Any = getattr(transport, "pool", None)
     if manager is None:
         manager = transport.session.get_adapter(coordinator.url).poolmanager  # type: ignore[attr-defined]
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:  # another parent thread inside the pool manager at fork time
-        with manager.pools.lock:
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(5)
-    try:
-        report = _child_finishes(lambda: _close_then_ok(client))
-    finally:
-        release.set()
-        t.join()
+    report = _child_finishes_while_held(manager.pools.lock, lambda: _close_then_ok(client))
     assert report["ok"] and report["exit"] == 0, report
     client.close()
 
@@ -325,21 +330,7 @@ def test_pool_queue_lock_held_at_fork(coordinator: DtmTestServer, factory: Calla
     client = DtmClient(coordinator.url, transport=transport)
     client.query(local_gid())
     mutex = _pool_of(transport, coordinator.url).pool.mutex
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:  # a parent thread inside _get_conn/_put_conn at fork time
-        with mutex:
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(5)
-    try:
-        report = _child_finishes(lambda: {"ok": client.query(local_gid()) is None and gc.collect() >= 0})
-    finally:
-        release.set()
-        t.join()
+    report = _child_finishes_while_held(mutex, lambda: {"ok": client.query(local_gid()) is None and gc.collect() >= 0})
     assert report["ok"] and report["exit"] == 0, report
     client.close()
 
@@ -351,26 +342,13 @@ def test_child_drops_an_unused_inherited_client(coordinator: DtmTestServer, fact
     clients = [DtmClient(coordinator.url, transport=factory())]  # the only reference: the child drops it
     clients[0].query(local_gid())
     mutex = _pool_of(clients[0].transport, coordinator.url).pool.mutex
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with mutex:
-            held.set()
-            release.wait(10)
 
     def child() -> dict[str, Any]:
         clients.clear()
         gc.collect()
         return {"ok": DtmClient(coordinator.url, transport=factory()).query(local_gid()) is None}
 
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(5)
-    try:
-        report = _child_finishes(child)
-    finally:
-        release.set()
-        t.join()
+    report = _child_finishes_while_held(mutex, child)
     assert report["ok"] and report["exit"] == 0, report
 
 
