@@ -46,6 +46,19 @@ class Retry:
     def __post_init__(self) -> None:
         check_non_negative_int(self.retries, "retries")
 
+    def next_delay(self, attempt: int, deadline: Optional[float], now: float) -> Optional[float]:
+        """Seconds to wait before retry number ``attempt`` (0-based), or ``None`` to give up.
+
+        Gives up after ``retries`` retries, and when the backoff would reach ``deadline`` (a
+        ``time.monotonic()`` value, or ``None`` for no deadline) measured from ``now``.
+        """
+        if attempt >= self.retries:
+            return None
+        delay = self.backoff.delay(attempt)
+        if deadline is not None and now + delay >= deadline:
+            return None
+        return delay
+
     def call(self, func: Callable[[], T], *, deadline: Optional[float] = None) -> T:
         """Run ``func``, retrying on DtmTransportError.
 
@@ -57,10 +70,8 @@ class Retry:
             try:
                 return func()
             except DtmTransportError:
-                if attempt >= self.retries:
-                    raise
-                delay = self.backoff.delay(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                delay = self.next_delay(attempt, deadline, time.monotonic())
+                if delay is None:
                     raise
                 self.sleep(delay)
                 attempt += 1

@@ -6,20 +6,19 @@ from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
 from ._consts import DEFAULT_DTM
-from ._trans import TransBase
-from .client import DtmLike
+from ._trans import TransCore
 
 __all__ = ["StepTrans"]
 
 
-class StepTrans(TransBase):
+class StepTrans(TransCore):
     """A transaction whose steps DTM calls itself (Saga, Msg).
 
     :attr:`steps` and :attr:`payloads` are read-only snapshots: steps are added only through the
     checked ``add`` methods, and not once DTM may hold the transaction.
     """
 
-    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, dtm: Any = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         super().__init__(dtm, gid, **options)
         self._steps: list[dict[str, str]] = []
         self._payloads: list[str] = []

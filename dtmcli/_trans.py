@@ -10,10 +10,11 @@ import threading
 from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Optional, TypeVar, overload
 
 from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
+from ._flow import Flow, Request, run
 from ._options import OPTION_NAMES, TransOptions, did_you_mean
 from ._protocol import Response, branch_error, client_branch_query
 from ._validate import check_gid
-from .client import DtmClient, DtmLike, as_client, local_gid
+from .client import ClientBase, DtmClient, DtmLike, as_client, local_gid
 from .errors import (
     DtmAttributeError,
     DtmConnectError,
@@ -27,11 +28,11 @@ from .errors import (
     DtmTransportError,
 )
 
-__all__ = ["TransBase", "NEW", "PREPARED_STATE", "SUBMITTED", "ABORTED", "NESTED"]
+__all__ = ["TransCore", "TransBase", "NEW", "PREPARED_STATE", "SUBMITTED", "ABORTED", "NESTED"]
 
 logger = logging.getLogger("dtmcli")
 
-T = TypeVar("T", bound="TransBase")
+T = TypeVar("T", bound="TransCore")
 V = TypeVar("V")
 
 # The lifecycle of a transaction object (TransBase.state).
@@ -98,8 +99,10 @@ class _Option(Generic[V]):
         obj.set_options(**{self.name: value})
 
 
-class TransBase:
-    """Gid, options, lifecycle and the calls to DTM shared by Saga, Msg, TCC and XA.
+class TransCore:
+    """Gid, options, lifecycle and the calls to DTM (as flows) shared by Saga, Msg, TCC and XA,
+    sync and async alike. :class:`TransBase` drives the flows with blocking I/O, the classes of
+    :mod:`dtmcli.asyncio` await them.
 
     ``dtm`` is a DTM URL (its shared pooled client is used) or a :class:`DtmClient`.
     ``gid`` defaults to a locally generated shortuuid. Options may be given as keywords
@@ -120,7 +123,7 @@ class TransBase:
     """
 
     trans_type: ClassVar[str]
-    client: DtmClient
+    client: ClientBase
 
     # Where prepare/submit/abort may start; subclasses narrow or widen these.
     _prepare_from: ClassVar[tuple[str, ...]] = (NEW,)
@@ -132,16 +135,23 @@ class TransBase:
         super().__init_subclass__(**kwargs)
         cls._declared = _declared_names(cls)
 
-    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, dtm: Any = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         self._gid: str = check_gid(gid) if gid is not None else local_gid()
         self._options = TransOptions.from_mapping(options)
         self._options._bind(self)
-        self._lock = threading.Lock()
+        # Reentrant: the sync driver holds it for a whole prepare/submit/abort (serialising them),
+        # and the flow takes it again around each state change (all the async driver holds).
+        self._lock = threading.RLock()
         self._state = NEW
         self._stored = False  # a prepare/submit/abort of this object may have reached DTM
         self._sent = False  # ... during the operation in progress
         self._concurrent = False
-        self.client = as_client(dtm)
+        self.client = self._as_client(dtm)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        """The client for ``dtm`` (a URL or a client of the driver's kind)."""
+        raise NotImplementedError
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name[0] != "_" and name not in type(self)._declared:
@@ -250,11 +260,15 @@ class TransBase:
             return
         raise DtmInvalidInput(self._refusal(what), gid=self._gid)
 
-    def _run(self, op: str, send: Callable[[], None], check: Optional[Callable[[], None]] = None) -> None:
-        """Move the lifecycle for ``op`` (prepare, submit or abort) and run ``send``.
+    def _run_flow(
+        self, op: str, send: Callable[[], Flow[None]], check: Optional[Callable[[], None]] = None
+    ) -> Flow[None]:
+        """Move the lifecycle for ``op`` (prepare, submit or abort) and run the flow ``send()``.
 
-        Calls on one object are serialised, so two submits can never both be sent. ``check`` runs
-        under the lock before the state moves (it may refuse with ``_check_mutable``).
+        The state moves before anything is sent, so a second prepare/submit/abort started meanwhile
+        is refused; it goes back only when DTM cannot have received the request (or for prepare,
+        which DTM treats idempotently). ``check`` runs under the lock before the state moves (it
+        may refuse with ``_check_mutable``).
         """
         allowed, target = {
             "prepare": (self._prepare_from, PREPARED_STATE),
@@ -267,17 +281,18 @@ class TransBase:
             if check is not None:
                 check()
             before, self._state, self._sent = self._state, target, False
-            try:
-                send()
-            except BaseException:
-                if op == "prepare" or not self._sent:
+        try:
+            yield from send()
+        except BaseException:
+            if op == "prepare" or not self._sent:
+                with self._lock:
                     self._state = before
-                raise
+            raise
 
-    def _post_trans(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> None:
+    def _post_trans(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Flow[None]:
         """POST a prepare/submit/abort body, noting whether DTM may have received it."""
         try:
-            self.client.post(path, body, idempotent=idempotent)
+            yield from self.client._post_flow(path, body, idempotent)
         except DtmConnectError:
             if idempotent and self.client.retry.retries:  # an earlier attempt may have arrived
                 self._sent = self._stored = True
@@ -339,15 +354,15 @@ class TransBase:
     def _extra_body(self) -> dict[str, Any]:
         return {}
 
-    def _call_prepare(self) -> None:
+    def _prepare_flow(self) -> Flow[None]:
         # prepare is idempotent on DTM's side (a prepared gid answers success), so it may be retried.
-        self._post_trans("prepare", self.build_body(), idempotent=True)
+        return self._post_trans("prepare", self.build_body(), idempotent=True)
 
-    def _call_abort(self, reason: Optional[str] = None) -> None:
+    def _abort_flow(self, reason: Optional[str] = None) -> Flow[None]:
         body = self.build_body()
         if reason:
             body["rollback_reason"] = clip_reason(reason)
-        self._post_trans("abort", body)
+        return self._post_trans("abort", body)
 
     def _request_branch(
         self,
@@ -358,7 +373,7 @@ class TransBase:
         *,
         body: Optional[bytes] = None,
         phase2_url: Optional[str] = None,
-    ) -> Response:
+    ) -> Flow[Response]:
         """Call a branch the client itself calls (TCC try, XA action, msg query_prepared).
 
         The query carries ``dtm`` (and ``phase2_url`` for XA), the branch headers are sent, and the
@@ -368,7 +383,7 @@ class TransBase:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         headers.update(self.options.branch_headers)
         try:
-            resp = self.client.transport.request(method, url, params=params, body=body, headers=headers or None)
+            resp: Response = yield Request(method, url, params, body, headers or None)
         except DtmError as exc:
             exc.gid, exc.branch_id, exc.op = exc.gid or self.gid, exc.branch_id or branch_id, exc.op or op
             raise
@@ -377,27 +392,27 @@ class TransBase:
             raise err
         return resp
 
-    def _call_submit(self, *, recover: bool = False) -> None:
+    def _submit_flow(self, recover: bool = False) -> Flow[None]:
         body = self.build_body()
         try:
-            self._post_trans("submit", body)
+            yield from self._post_trans("submit", body)
         except (DtmFailure, DtmOngoing, DtmServerError, DtmTimeout) as exc:
             # With wait_result, any answer but 200 only says "not succeeded after one pass": 409/425,
             # and for tcc/xa/msg a branch's 500 or a slow pass passed through (protocol.md §6).
             if not self.options.wait_result or (isinstance(exc, DtmServerError) and exc.status < 500):
                 if isinstance(exc, DtmTimeout) and recover:
-                    self._recover_submit(exc)
+                    yield from self._recover_submit(exc)
                     return
                 raise
-            self._settle(exc)
+            yield from self._settle(exc)
         except DtmTransportError as exc:
             if not recover:
                 raise
-            self._recover_submit(exc)
+            yield from self._recover_submit(exc)
 
-    def _settle(self, cause: Exception) -> None:
+    def _settle(self, cause: Exception) -> Flow[None]:
         """Ask /query what really happened after an inconclusive submit answer (never resubmits)."""
-        trans = self.client.query(self.gid)
+        trans = yield from self.client._query_flow(self.gid)
         if trans is None or trans.status == PREPARED:
             raise cause  # DTM has not (yet) taken the submit: nothing to settle
         self._report(trans.status, trans.rollback_reason, cause, waiting=True)
@@ -414,7 +429,7 @@ class TransBase:
                 gid=self.gid,
             ) from cause
 
-    def _recover_submit(self, cause: DtmTransportError) -> None:
+    def _recover_submit(self, cause: DtmTransportError) -> Flow[None]:
         """After a submit that failed in transport: resend only when it certainly never left.
 
         A refused connection proves nothing was sent, so one more submit is safe once /query
@@ -422,7 +437,7 @@ class TransBase:
         submit of a submitted transaction is not idempotent on DTM (protocol.md §2), so the
         outcome is reported as unknown instead.
         """
-        trans = self.client.query(self.gid)
+        trans = yield from self.client._query_flow(self.gid)
         if trans is None or trans.status == PREPARED:
             if not isinstance(cause, DtmConnectError):
                 raise DtmTransportError(
@@ -431,6 +446,32 @@ class TransBase:
                     gid=self.gid,
                 ) from cause
             logger.warning("dtm submit of %s %s never left; submitting again", self.trans_type, self.gid)
-            self._call_submit(recover=False)
+            yield from self._submit_flow(recover=False)
             return
         self._report(trans.status, trans.rollback_reason, cause, waiting=self.options.wait_result)
+
+
+class TransBase(TransCore):
+    """The blocking driver of :class:`TransCore`: each call to DTM runs on a :class:`DtmClient`.
+
+    A prepare/submit/abort holds the transaction's lock until DTM has answered, so calls on one
+    object from several threads run one after another.
+    """
+
+    client: DtmClient
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_client(dtm)
+
+    def _run(self, op: str, send: Callable[[], Flow[None]], check: Optional[Callable[[], None]] = None) -> None:
+        """Run ``op`` (prepare, submit or abort) with the flow ``send()`` (see :meth:`TransCore._run_flow`)."""
+        with self._lock:
+            run(self._run_flow(op, send, check), self.client)
+
+    def _drive(self, flow: Flow[V]) -> V:
+        """Run a flow on this transaction's client."""
+        return run(flow, self.client)

@@ -12,14 +12,15 @@ from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
 import shortuuid
 
 from ._consts import DEFAULT_DTM
+from ._flow import Flow, Request, Sleep, run
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
 from ._transport import Transport, check_timeout, default_transport
 from ._validate import check_http_url, check_non_negative_int, check_received_gid
-from .errors import DtmError, DtmInvalidInput, DtmServerError, DtmTimeout
+from .errors import DtmError, DtmInvalidInput, DtmServerError, DtmTimeout, DtmTransportError
 
-__all__ = ["DtmClient", "new_gid", "local_gid", "DtmLike"]
+__all__ = ["ClientBase", "DtmClient", "new_gid", "local_gid", "DtmLike", "next_page_position"]
 
 logger = logging.getLogger("dtmcli")
 
@@ -46,7 +47,187 @@ def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return shown
 
 
-class DtmClient:
+class ClientBase:
+    """What the sync and async DTM clients share: the address, the deadline and retry policy, the
+    shared-client cache, and every call as a flow (:mod:`dtmcli._flow`) the subclass drives."""
+
+    # Least recently used first, one cache per subclass. Nested TCC/XA take the URL from a request's
+    # query, so the cache is bounded; see for_url for what happens to an evicted client.
+    _shared: ClassVar[OrderedDict[str, Any]]
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+    _evicted_warned: ClassVar[bool] = False
+
+    url: str
+    timeout: Optional[float]
+    retry: Retry
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._shared = OrderedDict()
+
+    def _configure(self, url: str, timeout: Any, transport: Any, retry: Optional[Retry]) -> None:
+        check_http_url(url, "DTM server URL")
+        if timeout is _TRANSPORT_TIMEOUT:
+            timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", DEFAULT_TIMEOUT)
+            try:
+                check_timeout(timeout)
+            except DtmInvalidInput:  # a custom transport's own notion (a tuple, a Timeout object)
+                timeout = DEFAULT_TIMEOUT
+        self.timeout = check_timeout(timeout)
+        self.url = url.rstrip("/")
+        self.retry = retry if retry is not None else DEFAULT_RETRY
+
+    @classmethod
+    def _for_url(cls, url: str) -> Any:
+        key = url.rstrip("/")
+        shared = cls._shared
+        client = shared.get(key)
+        if client is not None:
+            try:
+                shared.move_to_end(key)  # atomic under the GIL; the entry may just have been evicted
+            except KeyError:
+                pass
+            return client
+        with ClientBase._shared_lock:
+            client = shared.get(key)
+            if client is None:
+                client = cls(url)  # type: ignore[call-arg]
+                shared[key] = client
+                if len(shared) > MAX_SHARED_CLIENTS:
+                    old_key, _ = shared.popitem(last=False)
+                    level = logging.DEBUG if cls._evicted_warned else logging.WARNING
+                    cls._evicted_warned = True
+                    logger.log(level, "more than %d DTM addresses in use; forgetting the least recently used (%s)",
+                               MAX_SHARED_CLIENTS, old_key)
+        return client
+
+    @classmethod
+    def _forget_shared(cls, url: Optional[str]) -> list[Any]:
+        with ClientBase._shared_lock:
+            keys = list(cls._shared) if url is None else [url.rstrip("/")]
+            return [cls._shared.pop(k) for k in keys if k in cls._shared]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # -- flows -----------------------------------------------------------------------------
+
+    def _call_flow(
+        self,
+        method: str,
+        path: str,
+        body: Optional[Mapping[str, Any]] = None,
+        params: Optional[Mapping[str, str]] = None,
+        gid: Optional[str] = None,
+        idempotent: bool = False,
+    ) -> Flow[Response]:
+        data = dumps(body) if body is not None else None
+        url = f"{self.url}/{path}"
+        if logger.isEnabledFor(logging.DEBUG):
+            shown = dumps(_redact(body)).decode() if body is not None else ""
+            logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
+
+        budget = self.timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        retry = self.retry if idempotent else NO_RETRY
+        attempt = 0
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DtmTimeout(f"{method} {url}: the {budget} s timeout ran out before a retry")
+                try:
+                    resp: Response = yield Request(method, url, params, data, None, left)
+                    break
+                except DtmTransportError:
+                    delay = retry.next_delay(attempt, deadline, time.monotonic())
+                    if delay is None:
+                        raise
+                    yield Sleep(delay, retry.sleep)
+                    attempt += 1
+        except DtmError as exc:
+            if exc.gid is None:
+                exc.gid = gid
+            raise
+        err = dtm_error(resp, path=path, gid=gid)
+        if err is not None:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("dtm %s %s gid=%s failed: %s", method, path, gid, err)
+            raise err
+        return resp
+
+    def _post_flow(self, path: str, body: Mapping[str, Any], idempotent: bool = False) -> Flow[Response]:
+        gid = body.get("gid")
+        return self._call_flow("POST", path, body, None, gid if isinstance(gid, str) else None, idempotent)
+
+    def _new_gid_flow(self) -> Flow[str]:
+        resp = yield from self._call_flow("GET", "newGid", idempotent=True)
+        gid = parse_json_object(resp, path="newGid").get("gid")
+        if not isinstance(gid, str) or not gid:
+            raise DtmServerError("newGid: answer has no gid", status=resp.status, body=resp.text)
+        return gid
+
+    def _query_flow(self, gid: str) -> Flow[Optional[Transaction]]:
+        check_received_gid(gid)  # a query parameter, never SQL: any gid DTM could have stored
+        resp = yield from self._call_flow("GET", "query", params={"gid": gid}, gid=gid, idempotent=True)
+        body = parse_json_object(resp, path="query", gid=gid)
+        trans = body.get("transaction")
+        if not isinstance(trans, dict):
+            return None
+        return Transaction.from_json(trans, body.get("branches") or ())
+
+    def _query_status_flow(self, gid: str) -> Flow[Optional[str]]:
+        trans = yield from self._query_flow(gid)
+        return trans.status if trans is not None else None
+
+    def _all_flow(
+        self,
+        position: str,
+        limit: int,
+        status: str,
+        trans_type: str,
+        create_time_start: Optional[int],
+        create_time_end: Optional[int],
+    ) -> Flow[TransactionPage]:
+        check_non_negative_int(limit, "limit")
+        params = {"position": position, "limit": str(limit), "status": status, "transType": trans_type}
+        if create_time_start is not None:
+            params["createTimeStart"] = str(check_non_negative_int(create_time_start, "create_time_start"))
+        if create_time_end is not None:
+            params["createTimeEnd"] = str(check_non_negative_int(create_time_end, "create_time_end"))
+        params = {k: v for k, v in params.items() if v}
+        resp = yield from self._call_flow("GET", "all", params=params, idempotent=True)
+        body = parse_json_object(resp, path="all")
+        rows = body.get("transactions") or []
+        return TransactionPage(
+            transactions=tuple(Transaction.from_json(t) for t in rows if isinstance(t, dict)),
+            next_position=str(body.get("next_position") or ""),
+        )
+
+    def _admin_flow(self, path: str, gid: str) -> Flow[None]:
+        yield from self._post_flow(path, {"gid": check_received_gid(gid)})
+
+    def _ping_flow(self) -> Flow[bool]:
+        base = self.url.rsplit("/", 1)[0] if self.url.endswith("/dtmsvr") else self.url
+        resp = yield Request("GET", f"{base}/ping", timeout=self.timeout)
+        err = dtm_error(resp, path="ping")
+        if err is not None:
+            raise err
+        return True
+
+    def _version_flow(self) -> Flow[str]:
+        resp = yield from self._call_flow("GET", "version", idempotent=True)
+        return str(parse_json_object(resp, path="version").get("version", ""))
+
+
+def next_page_position(page: TransactionPage) -> Optional[str]:
+    """Where the page after ``page`` starts, or ``None`` when ``page`` was the last one."""
+    if not page.next_position or not page.transactions:
+        return None
+    return page.next_position
+
+
+class DtmClient(ClientBase):
     """A DTM server address with its own keep-alive pool; thread-safe.
 
     ``DtmClient.for_url(url)`` returns one shared client per address, which is what the builders
@@ -59,11 +240,7 @@ class DtmClient:
     connections instead of using the parent's.
     """
 
-    # Least recently used first. Nested TCC/XA take the URL from a request's query, so the cache is
-    # bounded; see for_url for what happens to an evicted client.
-    _shared: ClassVar[OrderedDict[str, DtmClient]] = OrderedDict()
-    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
-    _evicted_warned: ClassVar[bool] = False
+    _shared: ClassVar[OrderedDict[str, DtmClient]]
 
     def __init__(
         self,
@@ -73,17 +250,8 @@ class DtmClient:
         transport: Optional[Transport] = None,
         retry: Optional[Retry] = None,
     ) -> None:
-        check_http_url(url, "DTM server URL")
-        if timeout is _TRANSPORT_TIMEOUT:
-            timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", DEFAULT_TIMEOUT)
-            try:
-                check_timeout(timeout)
-            except DtmInvalidInput:  # a custom transport's own notion (a tuple, a Timeout object)
-                timeout = DEFAULT_TIMEOUT
-        self.timeout: Optional[float] = check_timeout(timeout)
-        self.url = url.rstrip("/")
+        self._configure(url, timeout, transport, retry)
         self.transport: Transport = transport if transport is not None else default_transport(self.timeout)
-        self.retry = retry if retry is not None else DEFAULT_RETRY
 
     @classmethod
     def for_url(cls, url: str) -> DtmClient:
@@ -94,39 +262,14 @@ class DtmClient:
         of a request with it, and closing would pull its pool away. Once nobody uses it any more it
         is freed, and urllib3 closes its pooled connections as the pools are collected.
         """
-        key = url.rstrip("/")
-        shared = cls._shared
-        client = shared.get(key)
-        if client is not None:
-            try:
-                shared.move_to_end(key)  # atomic under the GIL; the entry may just have been evicted
-            except KeyError:
-                pass
-            return client
-        with cls._shared_lock:
-            client = shared.get(key)
-            if client is None:
-                client = cls(url)
-                shared[key] = client
-                if len(shared) > MAX_SHARED_CLIENTS:
-                    old_key, _ = shared.popitem(last=False)
-                    level = logging.DEBUG if cls._evicted_warned else logging.WARNING
-                    cls._evicted_warned = True
-                    logger.log(level, "more than %d DTM addresses in use; forgetting the least recently used (%s)",
-                               MAX_SHARED_CLIENTS, old_key)
+        client: DtmClient = cls._for_url(url)
         return client
 
     @classmethod
     def close_shared(cls, url: Optional[str] = None) -> None:
         """Close and forget the shared client of ``url`` (every shared client when ``None``)."""
-        with cls._shared_lock:
-            keys = list(cls._shared) if url is None else [url.rstrip("/")]
-            clients = [cls._shared.pop(k) for k in keys if k in cls._shared]
-        for client in clients:
+        for client in cls._forget_shared(url):
             client.close()
-
-    def __repr__(self) -> str:
-        return f"DtmClient({self.url!r})"
 
     def __enter__(self) -> DtmClient:
         return self
@@ -137,8 +280,6 @@ class DtmClient:
     def close(self) -> None:
         """Close the connection pool."""
         self.transport.close()
-
-    # -- raw calls -------------------------------------------------------------------------
 
     def call(
         self,
@@ -154,65 +295,23 @@ class DtmClient:
 
         Only ``idempotent`` calls are retried on transport errors, all within one ``timeout``.
         """
-        data = dumps(body) if body is not None else None
-        url = f"{self.url}/{path}"
-        if logger.isEnabledFor(logging.DEBUG):
-            shown = dumps(_redact(body)).decode() if body is not None else ""
-            logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
-
-        budget = self.timeout
-        deadline = None if budget is None else time.monotonic() + budget
-
-        def once() -> Response:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise DtmTimeout(f"{method} {url}: the {budget} s timeout ran out before a retry")
-            return self.transport.request(method, url, params=params, body=data, timeout=left)
-
-        try:
-            resp = (self.retry if idempotent else NO_RETRY).call(once, deadline=deadline)
-        except DtmError as exc:
-            if exc.gid is None:
-                exc.gid = gid
-            raise
-        err = dtm_error(resp, path=path, gid=gid)
-        if err is not None:
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("dtm %s %s gid=%s failed: %s", method, path, gid, err)
-            raise err
-        return resp
+        return run(self._call_flow(method, path, body, params, gid, idempotent), self)
 
     def post(self, path: str, body: Mapping[str, Any], *, idempotent: bool = False) -> Response:
         """POST a JSON body to DTM (``prepare``, ``submit``, ``abort``, ``registerBranch``, ...)."""
-        gid = body.get("gid")
-        return self.call("POST", path, body=body, gid=gid if isinstance(gid, str) else None, idempotent=idempotent)
-
-    # -- gids ------------------------------------------------------------------------------
+        return run(self._post_flow(path, body, idempotent), self)
 
     def new_gid(self) -> str:
         """Ask DTM for a new gid (``GET newGid``)."""
-        resp = self.call("GET", "newGid", idempotent=True)
-        gid = parse_json_object(resp, path="newGid").get("gid")
-        if not isinstance(gid, str) or not gid:
-            raise DtmServerError("newGid: answer has no gid", status=resp.status, body=resp.text)
-        return gid
-
-    # -- query and admin -------------------------------------------------------------------
+        return run(self._new_gid_flow(), self)
 
     def query(self, gid: str) -> Optional[Transaction]:
         """The stored transaction with its branches, or ``None`` when DTM does not know the gid."""
-        check_received_gid(gid)  # a query parameter, never SQL: any gid DTM could have stored
-        resp = self.call("GET", "query", params={"gid": gid}, gid=gid, idempotent=True)
-        body = parse_json_object(resp, path="query", gid=gid)
-        trans = body.get("transaction")
-        if not isinstance(trans, dict):
-            return None
-        return Transaction.from_json(trans, body.get("branches") or ())
+        return run(self._query_flow(gid), self)
 
     def query_status(self, gid: str) -> Optional[str]:
         """Just the status of ``gid`` (``None`` when unknown)."""
-        trans = self.query(gid)
-        return trans.status if trans is not None else None
+        return run(self._query_status_flow(gid), self)
 
     def all(
         self,
@@ -225,56 +324,36 @@ class DtmClient:
         create_time_end: Optional[int] = None,
     ) -> TransactionPage:
         """One page of transactions (``GET all``); times are epoch milliseconds."""
-        check_non_negative_int(limit, "limit")
-        params = {"position": position, "limit": str(limit), "status": status, "transType": trans_type}
-        if create_time_start is not None:
-            params["createTimeStart"] = str(check_non_negative_int(create_time_start, "create_time_start"))
-        if create_time_end is not None:
-            params["createTimeEnd"] = str(check_non_negative_int(create_time_end, "create_time_end"))
-        params = {k: v for k, v in params.items() if v}
-        body = parse_json_object(self.call("GET", "all", params=params, idempotent=True), path="all")
-        rows = body.get("transactions") or []
-        return TransactionPage(
-            transactions=tuple(Transaction.from_json(t) for t in rows if isinstance(t, dict)),
-            next_position=str(body.get("next_position") or ""),
-        )
+        return run(self._all_flow(position, limit, status, trans_type, create_time_start, create_time_end), self)
 
     def iter_all(self, *, page_size: int = 100, **filters: Any) -> Iterator[Transaction]:
         """Every transaction matching ``filters``, following ``next_position`` page by page."""
-        position = ""
-        while True:
+        position: Optional[str] = ""
+        while position is not None:
             page = self.all(position=position, limit=page_size, **filters)
             yield from page.transactions
-            if not page.next_position or not page.transactions:
-                return
-            position = page.next_position
+            position = next_page_position(page)
 
     def force_stop(self, gid: str) -> None:
         """Move a non-final transaction to ``failed`` without compensating (``POST forceStop``)."""
-        self.post("forceStop", {"gid": check_received_gid(gid)})
+        run(self._admin_flow("forceStop", gid), self)
 
     def reset_next_cron_time(self, gid: str) -> None:
         """Make DTM retry ``gid`` now (effective on SQL stores; boltdb ignores it)."""
-        self.post("resetNextCronTime", {"gid": check_received_gid(gid)})
+        run(self._admin_flow("resetNextCronTime", gid), self)
 
     def ping(self) -> bool:
         """True when the server answers ``/api/ping``."""
-        base = self.url.rsplit("/", 1)[0] if self.url.endswith("/dtmsvr") else self.url
-        resp = self.transport.request("GET", f"{base}/ping", timeout=self.timeout)
-        err = dtm_error(resp, path="ping")
-        if err is not None:
-            raise err
-        return True
+        return run(self._ping_flow(), self)
 
     def version(self) -> str:
         """The server's version string, e.g. ``v1.19.0``."""
-        body = parse_json_object(self.call("GET", "version", idempotent=True), path="version")
-        return str(body.get("version", ""))
+        return run(self._version_flow(), self)
 
 
 def _after_fork_in_child() -> None:
     # A lock held by a parent thread at fork time would stay locked forever in the child.
-    DtmClient._shared_lock = threading.Lock()
+    ClientBase._shared_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

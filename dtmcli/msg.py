@@ -7,25 +7,27 @@ import re
 from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
+from ._flow import Call, Flow
 from ._protocol import encode_custom_data, encode_payload
 from ._steps import StepTrans
-from ._trans import NEW, PREPARED_STATE
+from ._trans import NEW, PREPARED_STATE, TransBase
 from ._validate import check_http_url, check_non_negative_int
 from .barrier import BranchBarrier
 from .client import DtmLike
 from .errors import DtmFailure, DtmInvalidInput
 
-__all__ = ["Msg"]
+__all__ = ["Msg", "MsgCore"]
 
 logger = logging.getLogger("dtmcli")
 
 R = TypeVar("R")
+M = TypeVar("M", bound="MsgCore")
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-class Msg(StepTrans):
-    """A 2-phase message.
+class MsgCore(StepTrans):
+    """A message's actions, options and every decision of its calls, as flows (shared by sync and async).
 
     Simple message: ``Msg(dtm, gid).add(url, payload).submit()``. Transactional message:
     ``prepare(query_prepared)``, local work, ``submit()`` — or all three with
@@ -38,7 +40,7 @@ class Msg(StepTrans):
     _submit_from: ClassVar[tuple[str, ...]] = (NEW, PREPARED_STATE)
     _abort_from: ClassVar[tuple[str, ...]] = (NEW, PREPARED_STATE)  # abort also settles a prepare that timed out
 
-    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, dtm: Any = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         super().__init__(dtm, gid, **options)
         self._query_prepared = ""
         self._delay: Optional[int] = None
@@ -67,27 +69,27 @@ class Msg(StepTrans):
             self._check_mutable("change the delay")
             self._delay = delay
 
-    def _add_step(self, action: str, payload: Any) -> Msg:
+    def _add_step(self: M, action: str, payload: Any) -> M:
         self._append_step({"action": action}, encode_payload(payload, gid=self.gid))
         return self
 
-    def add(self, action: str, payload: Any) -> Msg:
+    def add(self: M, action: str, payload: Any) -> M:
         """Append an action DTM calls (POST with ``payload``, or GET when it is ``""``)."""
         check_http_url(action, "msg action URL", gid=self.gid)
         return self._add_step(action, payload)
 
-    def add_topic(self, topic: str, payload: Any) -> Msg:
+    def add_topic(self: M, topic: str, payload: Any) -> M:
         """Append a step delivered to every URL subscribed to ``topic`` on DTM."""
         if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
             raise DtmInvalidInput(f"topic {topic!r} must be 1-128 letters, digits or _.:-", gid=self.gid)
         return self._add_step(f"topic://{topic}", payload)
 
-    def set_delay(self, seconds: int) -> Msg:
+    def set_delay(self: M, seconds: int) -> M:
         """Let DTM wait this many seconds after submit before the first action."""
         self.delay = seconds
         return self
 
-    def enable_concurrent(self) -> Msg:
+    def enable_concurrent(self: M) -> M:
         """Run the actions in parallel instead of one after another."""
         self.concurrent = True
         return self
@@ -108,64 +110,42 @@ class Msg(StepTrans):
             raise DtmInvalidInput("a msg needs at least one action", gid=self.gid)
         return super().build_body()
 
-    def prepare(self, query_prepared: str) -> None:
-        """Create the message as ``prepared``; DTM asks ``query_prepared`` if it is never submitted.
-
-        A failed prepare may be retried (DTM's prepare is idempotent).
-        """
+    def _prepare_op(self, query_prepared: str) -> Flow[None]:
         check_http_url(query_prepared, "query_prepared URL", gid=self.gid)
 
         def check() -> None:
             if self._query_prepared and query_prepared != self._query_prepared:
                 self._check_mutable("change query_prepared")
 
-        def send() -> None:
+        def send() -> Flow[None]:
             self._query_prepared = query_prepared
-            self._call_prepare()
+            return self._prepare_flow()
 
-        self._run("prepare", send, check)
+        return self._run_flow("prepare", send, check)
 
-    def submit(self, *, recover: bool = False) -> None:
-        """Submit the message (prepared or not); DTM then runs the actions until they succeed.
-
-        Allowed once: a second submit raises DtmInvalidInput unless the first one certainly
-        never left (DtmConnectError).
-        """
-        self._run("submit", lambda: self._call_submit(recover=recover))
-
-    def abort(self, reason: Optional[str] = None) -> None:
-        """Abort a prepared message: it becomes ``failed`` and no action runs."""
-        self._run("abort", lambda: self._call_abort(reason))
-
-    def query_prepared_status(self, query_prepared: Optional[str] = None) -> None:
-        """Ask the ``query_prepared`` URL what happened to the local transaction, as DTM would.
-
-        Returns on success; raises DtmFailure (roll back), DtmOngoing, or an error.
-        """
+    def _query_prepared_flow(self, query_prepared: Optional[str] = None) -> Flow[None]:
         url = query_prepared or self.query_prepared
         check_http_url(url, "query_prepared URL", gid=self.gid)
-        self._request_branch("GET", url, MSG_BRANCH_ID, OP_MSG)
+        yield from self._request_branch("GET", url, MSG_BRANCH_ID, OP_MSG)
 
-    def prepare_and_submit(self, query_prepared: str, busi_call: Callable[[BranchBarrier], R]) -> R:
-        """Prepare, run ``busi_call(barrier)``, then submit or abort (Go's ``DoAndSubmit``).
+    def _msg_barrier(self) -> Any:
+        """The barrier handed to the local work of :meth:`prepare_and_submit` (sync or async)."""
+        raise NotImplementedError
 
-        The decision follows protocol.md §8: business success → submit; business DtmFailure →
-        abort; any other business error → ask ``query_prepared`` and abort on FAILURE, submit on
-        success, or leave the message for DTM to query when the answer is unknown. The business
-        error is always re-raised.
-        """
-        barrier = BranchBarrier.for_msg(self.gid)
-        self.prepare(query_prepared)
+    def _do_and_submit_flow(self, query_prepared: str, busi_call: Callable[[Any], Any]) -> Flow[Any]:
+        """Go's ``DoAndSubmit`` (protocol.md §8): prepare, the local work, then submit or abort."""
+        barrier = self._msg_barrier()
+        yield from self._prepare_op(query_prepared)
         try:
-            result = busi_call(barrier)
+            result = yield Call(busi_call, barrier)
         except DtmFailure:
-            self._abort_after(reason=None)
+            yield from self._after_busi_error(self._run_flow("abort", self._abort_flow))
             raise
         except Exception as busi_error:
             try:
-                self.query_prepared_status()
+                yield from self._query_prepared_flow()
             except DtmFailure:
-                self._abort_after(reason=None)
+                yield from self._after_busi_error(self._run_flow("abort", self._abort_flow))
             except Exception as query_error:
                 logger.warning(
                     "msg %s: business call failed (%s) and query_prepared did not answer (%s); "
@@ -175,9 +155,73 @@ class Msg(StepTrans):
                     query_error,
                 )
             else:
-                self._after_busi_error(self.submit)
+                yield from self._after_busi_error(self._run_flow("submit", self._submit_flow))
             raise
-        self.submit()
+        yield from self._run_flow("submit", self._submit_flow)
+        return result
+
+    def _after_busi_error(self, call: Flow[None]) -> Flow[None]:
+        # The business error is what the caller must see; a failed abort/submit here is logged,
+        # and DTM settles the prepared message through query_prepared after timeout_to_fail.
+        try:
+            yield from call
+        except Exception as exc:
+            logger.error("msg %s: call to DTM after a business error failed: %s", self.gid, exc)
+
+
+class Msg(MsgCore, TransBase):
+    """A 2-phase message.
+
+    Simple message: ``Msg(dtm, gid).add(url, payload).submit()``. Transactional message:
+    ``prepare(query_prepared)``, local work, ``submit()`` — or all three with
+    :meth:`prepare_and_submit`, which decides exactly as the Go client's ``DoAndSubmit``.
+    Actions and options are fixed once it is prepared (DTM keeps the prepared ones); it is
+    submitted or aborted once.
+    """
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
+
+    def prepare(self, query_prepared: str) -> None:
+        """Create the message as ``prepared``; DTM asks ``query_prepared`` if it is never submitted.
+
+        A failed prepare may be retried (DTM's prepare is idempotent).
+        """
+        flow = self._prepare_op(query_prepared)
+        with self._lock:
+            self._drive(flow)
+
+    def submit(self, *, recover: bool = False) -> None:
+        """Submit the message (prepared or not); DTM then runs the actions until they succeed.
+
+        Allowed once: a second submit raises DtmInvalidInput unless the first one certainly
+        never left (DtmConnectError).
+        """
+        self._run("submit", lambda: self._submit_flow(recover))
+
+    def abort(self, reason: Optional[str] = None) -> None:
+        """Abort a prepared message: it becomes ``failed`` and no action runs."""
+        self._run("abort", lambda: self._abort_flow(reason))
+
+    def query_prepared_status(self, query_prepared: Optional[str] = None) -> None:
+        """Ask the ``query_prepared`` URL what happened to the local transaction, as DTM would.
+
+        Returns on success; raises DtmFailure (roll back), DtmOngoing, or an error.
+        """
+        self._drive(self._query_prepared_flow(query_prepared))
+
+    def _msg_barrier(self) -> BranchBarrier:
+        return BranchBarrier.for_msg(self.gid)
+
+    def prepare_and_submit(self, query_prepared: str, busi_call: Callable[[BranchBarrier], R]) -> R:
+        """Prepare, run ``busi_call(barrier)``, then submit or abort (Go's ``DoAndSubmit``).
+
+        The decision follows protocol.md §8: business success → submit; business DtmFailure →
+        abort; any other business error → ask ``query_prepared`` and abort on FAILURE, submit on
+        success, or leave the message for DTM to query when the answer is unknown. The business
+        error is always re-raised.
+        """
+        result: R = self._drive(self._do_and_submit_flow(query_prepared, busi_call))
         return result
 
     do_and_submit = prepare_and_submit
@@ -190,14 +234,3 @@ class Msg(StepTrans):
         committed. ``conn`` is anything :meth:`BranchBarrier.call_with_db` accepts.
         """
         return self.prepare_and_submit(query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call))
-
-    def _abort_after(self, *, reason: Optional[str]) -> None:
-        self._after_busi_error(lambda: self.abort(reason))
-
-    def _after_busi_error(self, call: Callable[[], None]) -> None:
-        # The business error is what the caller must see; a failed abort/submit here is logged,
-        # and DTM settles the prepared message through query_prepared after timeout_to_fail.
-        try:
-            call()
-        except Exception as exc:
-            logger.error("msg %s: call to DTM after a business error failed: %s", self.gid, exc)

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from ._consts import DEFAULT_DTM, SAGA
 from ._protocol import encode_custom_data, encode_payload
 from ._steps import StepTrans
+from ._trans import TransBase
 from ._validate import check_http_url
 from .client import DtmLike
 from .errors import DtmInvalidInput
 
-__all__ = ["Saga"]
+__all__ = ["Saga", "SagaCore"]
+
+S = TypeVar("S", bound="SagaCore")
 
 
-class Saga(StepTrans):
-    """A saga global transaction.
-
-    >>> Saga(DTM, gid).add(f"{busi}/TransOut", f"{busi}/TransOutCom", {"amount": 30}).submit()
-
-    Steps are numbered from 0 in the order they were added; DTM gives step ``i`` the branch id
-    ``%02d % (i + 1)``. ``add_branch_order(2, [0, 1])`` makes step 2 wait for steps 0 and 1 in a
-    concurrent saga. A saga is submitted once; steps and options are fixed from then on.
-    :attr:`steps`, :attr:`payloads` and :attr:`orders` are read-only views.
-    """
+class SagaCore(StepTrans):
+    """A saga's steps, orders and body: everything but the submit (shared by sync and async)."""
 
     trans_type = SAGA
 
-    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, dtm: Any = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         super().__init__(dtm, gid, **options)
         self._orders: dict[int, list[int]] = {}
 
@@ -37,7 +32,7 @@ class Saga(StepTrans):
         """Step index → the steps it waits for, from :meth:`add_branch_order` (read-only)."""
         return MappingProxyType({branch: tuple(pres) for branch, pres in self._orders.items()})
 
-    def add(self, action: str, compensate: str, payload: Any) -> Saga:
+    def add(self: S, action: str, compensate: str, payload: Any) -> S:
         """Append a step. ``compensate`` may be ``""`` (nothing to undo).
 
         ``payload`` is any JSON-serialisable value, or raw ``str``/``bytes`` sent as they are;
@@ -48,7 +43,7 @@ class Saga(StepTrans):
         self._append_step({"action": action, "compensate": compensate}, encode_payload(payload, gid=self.gid))
         return self
 
-    def add_branch_order(self, branch: int, pre_branches: Sequence[int]) -> Saga:
+    def add_branch_order(self: S, branch: int, pre_branches: Sequence[int]) -> S:
         """In a concurrent saga, run step ``branch`` only after every step in ``pre_branches`` (0-based)."""
         for index in (branch, *pre_branches):
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
@@ -61,7 +56,7 @@ class Saga(StepTrans):
             pres.extend(p for p in pre_branches if p not in pres)
         return self
 
-    def enable_concurrent(self) -> Saga:
+    def enable_concurrent(self: S) -> S:
         """Run the steps concurrently, constrained only by ``add_branch_order``."""
         self.concurrent = True
         return self
@@ -108,6 +103,21 @@ class Saga(StepTrans):
         self._check_orders()
         return super().build_body()
 
+
+class Saga(SagaCore, TransBase):
+    """A saga global transaction.
+
+    >>> Saga(DTM, gid).add(f"{busi}/TransOut", f"{busi}/TransOutCom", {"amount": 30}).submit()
+
+    Steps are numbered from 0 in the order they were added; DTM gives step ``i`` the branch id
+    ``%02d % (i + 1)``. ``add_branch_order(2, [0, 1])`` makes step 2 wait for steps 0 and 1 in a
+    concurrent saga. A saga is submitted once; steps and options are fixed from then on.
+    :attr:`steps`, :attr:`payloads` and :attr:`orders` are read-only views.
+    """
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
+
     def submit(self, *, recover: bool = False) -> None:
         """Submit the saga. DTM runs it; with ``wait_result`` this returns after the first pass.
 
@@ -118,4 +128,4 @@ class Saga(StepTrans):
         A second submit raises DtmInvalidInput (DTM would run the actions again), unless the first
         one certainly never left (DtmConnectError).
         """
-        self._run("submit", lambda: self._call_submit(recover=recover))
+        self._run("submit", lambda: self._submit_flow(recover))
