@@ -10,7 +10,7 @@ from ._retry import ExponentialBackoff, Retry
 from ._transport import RequestsTransport, Transport
 from ._twophase import BranchReply, GlobalTransaction
 from .barrier import BranchBarrier
-from .branch import BranchInfo, BranchRequestError, BranchResponse, set_dtm_servers
+from .branch import BranchInfo, BranchRequestError, BranchResponse, current_branch_info, set_dtm_servers
 from .client import DtmClient, local_gid, new_gid
 from .errors import (
     BarrierConflict,
@@ -68,6 +68,7 @@ __all__ = [
     "TransOptions",
     "Transport",
     "Xa",
+    "current_branch_info",
     "local_gid",
     "new_gid",
     "register_xa_branch",

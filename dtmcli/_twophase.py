@@ -1,5 +1,13 @@
-"""What TCC and XA global transactions share: client-driven branches, and the prepare → body →
-submit / abort runner behind ``tcc_global_transaction`` and ``xa_global_transaction``."""
+"""What TCC and XA global transactions share, sync and async alike: client-driven branches, the
+finish decision (submit or abort), and the prepare → body → finish runner behind
+``tcc_global_transaction`` and ``xa_global_transaction``.
+
+Every decision is a flow (:mod:`dtmcli._flow`): :meth:`TwoPhaseCore._finish_flow` decides between
+submit and abort, :meth:`TwoPhaseCore._recording` dooms the transaction on a failed branch call,
+:meth:`RunnerCore._run_flow` is the whole ``run(callback)``. The submit and abort themselves are
+``Call`` effects on the driver's own methods, so the sync driver keeps serialising them with its
+lock and the async driver shields an abort from cancellation.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +21,30 @@ from types import TracebackType
 from typing import Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM
+from ._flow import Call, Flow, run
 from ._ids import BranchIdGenerator
 from ._protocol import Response, go_trim
-from ._trans import NESTED, NEW, PREPARED_STATE, TransBase
+from ._trans import NESTED, NEW, PREPARED_STATE, TransBase, TransCore
 from .client import DtmLike
 from .errors import DtmError, DtmInvalidInput, DtmServerError
 
-__all__ = ["BranchReply", "GlobalTransaction", "TwoPhaseTrans", "rollback_reason_of"]
+__all__ = [
+    "BranchReply",
+    "GlobalTransaction",
+    "RunnerCore",
+    "TwoPhaseCore",
+    "TwoPhaseTrans",
+    "discard_awaitable",
+    "global_transaction",
+    "refuse_sync",
+    "rollback_reason_of",
+]
 
 logger = logging.getLogger("dtmcli")
 
 R = TypeVar("R")
-T2 = TypeVar("T2", bound="TwoPhaseTrans")
+V = TypeVar("V")
+T2 = TypeVar("T2", bound="TwoPhaseCore")
 
 
 @dataclass(frozen=True)
@@ -57,19 +77,19 @@ def rollback_reason_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class TwoPhaseTrans(TransBase):
-    """Base of :class:`~dtmcli.Tcc` and :class:`~dtmcli.Xa`: branches the client calls itself.
+class TwoPhaseCore(TransCore):
+    """Branches the client calls itself and the finish decision, shared by TCC and XA, sync and async.
 
     Branch ids come from a thread-safe generator (``01``, ``02``, ... or ``<parent>01`` when
-    nested), so branches may be called from several threads at once. Once a branch call has
-    failed after it was sent, the transaction can only be aborted. Lifecycle: ``new`` →
-    ``prepare()`` → ``prepared`` → ``submit()``/``abort()`` (see :class:`~dtmcli._trans.TransBase`).
+    nested), so branches may be called from several threads or tasks at once. Once a branch call
+    has failed after it was sent, the transaction can only be aborted. Lifecycle: ``new`` →
+    ``prepare()`` → ``prepared`` → ``submit()``/``abort()`` (see :class:`~dtmcli._trans.TransCore`).
     """
 
     _submit_from: ClassVar[tuple[str, ...]] = (PREPARED_STATE,)
     _abort_from: ClassVar[tuple[str, ...]] = (PREPARED_STATE,)
 
-    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, dtm: Any = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
         super().__init__(dtm, gid, **options)
         self._ids = BranchIdGenerator()
         self._branch_error: Optional[BaseException] = None
@@ -89,25 +109,6 @@ class TwoPhaseTrans(TransBase):
         """The first error of a branch call that was sent; it dooms the transaction to abort."""
         return self._branch_error
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def prepare(self) -> None:
-        """Create the global transaction on DTM as ``prepared``, with its options (stored only now)."""
-        self._run("prepare", self._call_prepare)
-
-    def submit(self) -> None:
-        """Submit: DTM confirms/commits every registered branch.
-
-        With ``wait_result`` an unfinished transaction raises DtmInProgress and a failed one
-        DtmFailure (checked with ``/query``). A second submit is refused: DTM marks a resubmitted
-        TCC/XA succeeded without confirming it (protocol.md §2).
-        """
-        self._run("submit", self._call_submit)
-
-    def abort(self, reason: Optional[str] = None) -> None:
-        """Abort: DTM cancels/rolls back every registered branch. ``reason`` is stored (clipped)."""
-        self._run("abort", lambda: self._call_abort(reason))
-
     def _check_can_call(self) -> None:
         state = self._state
         if state == NEW:
@@ -120,36 +121,92 @@ class TwoPhaseTrans(TransBase):
             if self._branch_error is None:
                 self._branch_error = exc
 
-    def _finish(self, exc: Optional[BaseException]) -> None:
+    def _recording(self, flow: Flow[V]) -> Flow[V]:
+        """Run ``flow`` (a branch call under way), noting its error as the transaction's doom."""
+        try:
+            return (yield from flow)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self._record(exc)
+            raise
+
+    def _branch_flow(
+        self, url: str, body: str, branch_id: str, op: str, phase2_url: Optional[str] = None
+    ) -> Flow[BranchReply]:
+        """POST a client-originated branch call and wrap its successful answer."""
+        resp = yield from self._request_branch("POST", url, branch_id, op, body=body.encode(), phase2_url=phase2_url)
+        return BranchReply(resp.status, resp.content, branch_id=branch_id)
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def prepare(self) -> Any:
+        """Prepare (the driver's; see :meth:`TwoPhaseTrans.prepare`)."""
+        raise NotImplementedError
+
+    def submit(self) -> Any:
+        """Submit (the driver's; see :meth:`TwoPhaseTrans.submit`)."""
+        raise NotImplementedError
+
+    def _cleanup_abort(self, reason: str) -> Any:
+        """The driver's abort after a failed body (the async one shields it from cancellation)."""
+        raise NotImplementedError
+
+    def _finish_flow(self, exc: Optional[BaseException]) -> Flow[None]:
         """Submit after a clean body; abort after an error (or an earlier failed branch call).
 
-        The body's own exception is left to propagate; a failed abort is logged, never raised over it.
+        The body's own exception is left to the caller to propagate; a failed abort is logged,
+        never raised over it. After a clean body whose branch call failed (the body caught the
+        error), the transaction is aborted and that branch error is raised.
         """
         cause = exc if exc is not None else self._branch_error
         if cause is None:
-            self.submit()
+            yield Call(self.submit)
             return
         try:
-            self.abort(rollback_reason_of(cause))
+            yield Call(self._cleanup_abort, rollback_reason_of(cause))
         except Exception as abort_exc:
             logger.error("%s %s: abort after %r failed: %s", self.trans_type, self.gid, cause, abort_exc)
         if exc is None:
-            # The body caught a branch error and carried on: the transaction is aborted, say so.
             raise cause
 
-    # -- branch calls ----------------------------------------------------------------------
 
-    def _call_branch(
-        self, url: str, body: str, branch_id: str, op: str, phase2_url: Optional[str] = None
-    ) -> BranchReply:
-        """POST a client-originated branch call and wrap its successful answer."""
-        resp = self._request_branch("POST", url, branch_id, op, body=body.encode(), phase2_url=phase2_url)
-        return BranchReply(resp.status, resp.content, branch_id=branch_id)
+class TwoPhaseTrans(TwoPhaseCore, TransBase):
+    """Base of :class:`~dtmcli.Tcc` and :class:`~dtmcli.Xa`: the blocking driver of :class:`TwoPhaseCore`.
+
+    Branch ids come from a thread-safe generator (``01``, ``02``, ... or ``<parent>01`` when
+    nested), so branches may be called from several threads at once. Once a branch call has
+    failed after it was sent, the transaction can only be aborted. Lifecycle: ``new`` →
+    ``prepare()`` → ``prepared`` → ``submit()``/``abort()`` (see :class:`~dtmcli._trans.TransBase`).
+    """
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
+
+    def prepare(self) -> None:
+        """Create the global transaction on DTM as ``prepared``, with its options (stored only now)."""
+        self._run("prepare", self._prepare_flow)
+
+    def submit(self) -> None:
+        """Submit: DTM confirms/commits every registered branch.
+
+        With ``wait_result`` an unfinished transaction raises DtmInProgress and a failed one
+        DtmFailure (checked with ``/query``). A second submit is refused: DTM marks a resubmitted
+        TCC/XA succeeded without confirming it (protocol.md §2).
+        """
+        self._run("submit", self._submit_flow)
+
+    def abort(self, reason: Optional[str] = None) -> None:
+        """Abort: DTM cancels/rolls back every registered branch. ``reason`` is stored (clipped)."""
+        self._run("abort", lambda: self._abort_flow(reason))
+
+    def _cleanup_abort(self, reason: str) -> None:
+        self.abort(reason)
 
 
 # The global transactions entered (``with``) in the current thread or asyncio task, innermost last.
 # A ContextVar, not threading.local: asyncio tasks share a thread but each has its own context. It only
-# chooses among the transactions a runner has entered (GlobalTransaction._entered), which are the truth:
+# chooses among the transactions a runner has entered (RunnerCore._entered), which are the truth:
 # a framework may run __enter__ and __exit__ in two different copies of one context (FastAPI runs each
 # step of a sync ``yield`` dependency through run_in_threadpool), so an entry set here can be lost.
 def _same_context(token: Token[Any]) -> bool:
@@ -161,7 +218,7 @@ def _same_context(token: Token[Any]) -> bool:
     return True
 
 
-_ACTIVE: ContextVar[tuple[tuple[GlobalTransaction[Any], TwoPhaseTrans], ...]] = ContextVar(
+_ACTIVE: ContextVar[tuple[tuple[RunnerCore[Any], TwoPhaseCore], ...]] = ContextVar(
     "dtmcli_global_transactions", default=()
 )
 
@@ -172,63 +229,41 @@ def _is_async(func: Any) -> bool:
     return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in candidates)
 
 
-class GlobalTransaction(Generic[T2]):
-    """A TCC or XA global transaction to run: as a context manager, a decorator, or via :meth:`run`.
+def discard_awaitable(value: Any) -> bool:
+    """True when ``value`` is awaitable, which a blocking driver cannot await: it is closed, so that
+    no "coroutine was never awaited" warning hides the error the caller raises."""
+    if not inspect.isawaitable(value):
+        return False
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
+    return True
 
-    * ``with gt as trans:`` prepares and yields the transaction; a clean exit submits, an exception
-      aborts with ``rollback_reason`` and propagates unchanged.
-    * ``@gt`` decorates ``func(trans, *args, **kwargs)``; each call runs a new transaction (a new gid
-      unless a fixed gid was given).
-    * ``gt.run(callback)`` runs ``callback(trans)`` in a new transaction and returns its result.
 
-    The decorator and :meth:`run` always finish the transaction they started. One object may also
-    be entered with ``with`` by several threads or asyncio tasks at once, and nested: each exit
-    finishes the innermost transaction entered in its own context (:mod:`contextvars`). An exit
-    that runs in another copy of the context than its enter (a sync FastAPI ``yield`` dependency)
-    finishes the transaction when it is the only one open on this object; an entry the exit's
-    context inherited from an enclosing ``with`` (a copy of its context, not the context itself)
-    is never taken for its own. When several are open, it cannot tell which one is its own and
-    raises DtmInvalidInput without finishing any: they stay prepared and DTM cancels them after
-    ``timeout_to_fail``. Create the runner inside such a dependency
-    (``with tcc_global_transaction(...) as tcc: yield tcc``) and this never happens. An exit
-    without an enter of its own (a double exit, ``ExitStack.push``) is a bug this cannot detect
-    when one transaction is open: it finishes that one.
+def _name_of(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or type(func).__name__
 
-    The body must be synchronous: ``async def`` functions are refused with DtmInvalidInput
-    before anything is sent, since the transaction would be submitted before the coroutine runs.
-    """
+
+class RunnerCore(Generic[T2]):
+    """What the sync and async runners share: the transactions entered per context (which one an
+    exit finishes, see :class:`GlobalTransaction`), and ``run`` as a flow."""
 
     def __init__(self, factory: Callable[[], T2], kind: str = "global transaction") -> None:
         self._factory = factory
         self._kind = kind
         self._lock = threading.Lock()
-        self._entered: list[TwoPhaseTrans] = []  # entered with ``with`` and not exited yet
+        self._entered: list[T2] = []  # entered and not exited yet
         self._tokens: dict[int, Token[Any]] = {}  # id(trans) -> the _ACTIVE token of its enter
 
-    def _refuse_async(self, func: Any, *, returned: bool = False) -> None:
-        if returned or _is_async(func):
-            name = getattr(func, "__qualname__", None) or type(func).__name__
-            what = "a callback that returns an awaitable" if returned else "the coroutine function"
-            raise DtmInvalidInput(
-                f"{self._kind} cannot run {what} {name}: the transaction would be finished before the "
-                "coroutine runs. Use a plain def (the async form comes with dtmcli.asyncio)"
-            )
-
-    def __enter__(self) -> T2:
-        trans = self._factory()
-        trans.prepare()
+    def _entered_now(self, trans: T2) -> T2:
+        """Note ``trans`` (just prepared) as entered in the current context."""
         token = _ACTIVE.set((*_ACTIVE.get(), (self, trans)))
         with self._lock:
             self._entered.append(trans)
             self._tokens[id(trans)] = token
         return trans
 
-    def __exit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
-    ) -> None:
-        self._take_entered()._finish(exc)
-
-    def _take_entered(self) -> TwoPhaseTrans:
+    def _take_entered(self) -> T2:
         """Remove and return the transaction an exit in the current context belongs to."""
         active = _ACTIVE.get()
         with self._lock:
@@ -254,22 +289,86 @@ class GlobalTransaction(Generic[T2]):
         _ACTIVE.set(tuple(a for a in active if a[0] is not self or a[1] in entered))
         return trans
 
+    def _run_flow(self, body: Callable[[T2], Any]) -> Flow[Any]:
+        """A new transaction: prepare, ``body(trans)``, then submit or abort (:meth:`TwoPhaseCore._finish_flow`).
+
+        The body's error is re-raised after the abort.
+        """
+        trans = self._factory()  # kept here, not looked up: run never depends on the context
+        yield Call(trans.prepare)
+        try:
+            result = yield Call(body, trans)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            yield from trans._finish_flow(exc)
+            raise
+        yield from trans._finish_flow(None)
+        return result
+
+    def run(self, callback: Callable[[T2], Any]) -> Any:
+        """Run ``callback(trans)`` in a new global transaction (the driver's; see :meth:`GlobalTransaction.run`)."""
+        raise NotImplementedError
+
+
+class GlobalTransaction(RunnerCore[T2]):
+    """A TCC or XA global transaction to run: as a context manager, a decorator, or via :meth:`run`.
+
+    * ``with gt as trans:`` prepares and yields the transaction; a clean exit submits, an exception
+      aborts with ``rollback_reason`` and propagates unchanged.
+    * ``@gt`` decorates ``func(trans, *args, **kwargs)``; each call runs a new transaction (a new gid
+      unless a fixed gid was given).
+    * ``gt.run(callback)`` runs ``callback(trans)`` in a new transaction and returns its result.
+
+    The decorator and :meth:`run` always finish the transaction they started. One object may also
+    be entered with ``with`` by several threads or asyncio tasks at once, and nested: each exit
+    finishes the innermost transaction entered in its own context (:mod:`contextvars`). An exit
+    that runs in another copy of the context than its enter (a sync FastAPI ``yield`` dependency)
+    finishes the transaction when it is the only one open on this object; an entry the exit's
+    context inherited from an enclosing ``with`` (a copy of its context, not the context itself)
+    is never taken for its own. When several are open, it cannot tell which one is its own and
+    raises DtmInvalidInput without finishing any: they stay prepared and DTM cancels them after
+    ``timeout_to_fail``. Create the runner inside such a dependency
+    (``with tcc_global_transaction(...) as tcc: yield tcc``) and this never happens. An exit
+    without an enter of its own (a double exit, ``ExitStack.push``) is a bug this cannot detect
+    when one transaction is open: it finishes that one.
+
+    The body must be synchronous: ``async def`` functions are refused with DtmInvalidInput
+    before anything is sent, since the transaction would be submitted before the coroutine runs.
+    Use :mod:`dtmcli.asyncio` (``async with``) for coroutines.
+    """
+
+    def _refuse_async(self, func: Any, *, returned: bool = False) -> None:
+        if returned or _is_async(func):
+            what = "a callback that returns an awaitable" if returned else "the coroutine function"
+            raise DtmInvalidInput(
+                f"{self._kind} cannot run {what} {_name_of(func)}: the transaction would be finished before "
+                "the coroutine runs. Use a plain def, or the async form from dtmcli.asyncio"
+            )
+
+    def __enter__(self) -> T2:
+        trans = self._factory()
+        trans.prepare()
+        return self._entered_now(trans)
+
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        run(self._take_entered()._finish_flow(exc))
+
+    def _checked(self, callback: Callable[[T2], R]) -> Callable[[T2], R]:
+        def body(trans: T2) -> R:
+            result = callback(trans)
+            if discard_awaitable(result):
+                self._refuse_async(callback, returned=True)  # raised before the submit: aborts
+            return result
+
+        return body
+
     def run(self, callback: Callable[[T2], R]) -> R:
         """Run ``callback(trans)`` in a new global transaction; return what it returns."""
         self._refuse_async(callback)
-        trans = self._factory()  # kept here, not looked up: run never depends on the context
-        trans.prepare()
-        try:
-            result = callback(trans)
-            if inspect.isawaitable(result):
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()  # it will never be awaited: no "coroutine was never awaited" warning
-                self._refuse_async(callback, returned=True)  # raised before the submit: aborts
-        except BaseException as exc:
-            trans._finish(exc)
-            raise
-        trans._finish(None)
+        result: R = run(self._run_flow(self._checked(callback)))
         return result
 
     def __call__(self, func: Callable[..., R]) -> Callable[..., R]:
@@ -281,3 +380,34 @@ class GlobalTransaction(Generic[T2]):
             return self.run(lambda trans: func(trans, *args, **kwargs))
 
         return wrapper
+
+
+Runner = TypeVar("Runner", bound=RunnerCore[Any])
+
+
+def global_transaction(
+    runner: Callable[[Callable[[], T2], str], Runner],
+    trans_type: Callable[..., T2],
+    kind: str,
+    dtm: Any,
+    gid: Optional[str],
+    callback: Optional[Callable[[T2], Any]],
+    options: dict[str, Any],
+) -> Any:
+    """``tcc_global_transaction`` / ``xa_global_transaction`` of either flavour: check the arguments
+    now (nothing is sent), then return the runner, or run ``callback`` with it."""
+    trans_type(dtm, gid, **options)  # validate now
+    gt = runner(lambda: trans_type(dtm, gid, **options), kind)
+    if callback is None:
+        return gt
+    return gt.run(callback)
+
+
+def refuse_sync(kind: str, func: Any) -> None:
+    """The async runners take coroutine functions only: refuse anything else before anything is sent."""
+    if not _is_async(func):
+        raise DtmInvalidInput(
+            f"{kind} from dtmcli.asyncio runs an async def function, not {_name_of(func)}: a plain def "
+            "body would run without awaiting its branch calls. Make it async def, or use the dtmcli form"
+        )
+

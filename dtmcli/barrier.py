@@ -5,6 +5,7 @@ out barrier ids ``01``, ``02``, ... for each protected local transaction inside 
 (protocol.md §7). Backends: SQL (:meth:`BranchBarrier.call`, MySQL/MariaDB and PostgreSQL through
 PyMySQL, psycopg2, psycopg 3, SQLAlchemy or Django), Redis
 (:meth:`BranchBarrier.redis_check_adjust_amount`) and MongoDB (:meth:`BranchBarrier.mongo_call`, experimental).
+The asyncio twin, on async drivers, is :mod:`dtmcli.asyncio.barrier`: the same flows, tables and rows.
 
 In a handler, ``BranchBarrier.from_info(info)`` is the barrier of the parsed call; the
 :func:`barrier` decorator (``@barrier(db=...)``, for Flask, Django, FastAPI ``DtmRoute`` routes
@@ -22,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 from ._barrier import mongo as _mongo
 from ._barrier import sql as _sql
-from ._barrier.branch_barrier import BranchBarrier
+from ._barrier.branch_barrier import BranchBarrier, msg_barrier
 from ._barrier.core import (
     DEFAULT_TABLE,
     ORIGIN_OP,
@@ -63,11 +64,7 @@ __all__ = [
 
 
 def _msg_barrier(query: Any, table: Optional[str]) -> BranchBarrier:
-    if isinstance(query, BranchBarrier):
-        return query
-    if isinstance(query, str):
-        return BranchBarrier.for_msg(query, table=table)
-    return BranchBarrier.from_query(query, table=table)
+    return msg_barrier(BranchBarrier, query, table)
 
 
 def query_prepared(query: Any, conn: Any, *, table: Optional[str] = None, dialect: Optional[str] = None) -> None:

@@ -8,6 +8,9 @@
   ``{"dtm_result": "FAILURE" | "ONGOING"}`` means the same as the raised error
   (:func:`raise_for_result`). They are pure and framework-neutral: ``dtmcli.contrib.flask``,
   ``.fastapi`` and ``.django`` (and the barrier decorator) all reuse them.
+* :func:`current_branch_info` is the call being handled in the current context (thread or asyncio
+  task): a :class:`contextvars.ContextVar`, so concurrent requests on one event loop never see each
+  other's call.
 * :meth:`BranchInfo.require_dtm` checks a client-originated call's ``dtm`` against the trusted
   servers (:func:`set_dtm_servers`, ``DTMCLI_SERVER``), so a forged query cannot make the
   service send requests to a host of the caller's choosing.
@@ -21,10 +24,14 @@ rely on finding it there.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Optional
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Optional, Union
 
 from ._consts import (
     MAX_OP_LEN,
@@ -55,6 +62,7 @@ __all__ = [
     "BranchRequestError",
     "BranchResponse",
     "SUCCESS",
+    "current_branch_info",
     "failure_allowed",
     "query_of",
     "raise_for_result",
@@ -65,6 +73,9 @@ __all__ = [
     "handle",
     "handle_async",
     "handle_query",
+    "handle_query_async",
+    "handling",
+    "parse_or_answer",
 ]
 
 logger = logging.getLogger("dtmcli")
@@ -420,25 +431,67 @@ def error_response(exc: BaseException, info: Optional[BranchInfo] = None) -> Bra
     return _server_error(message)
 
 
+def is_async_callable(func: Any) -> bool:
+    """True for an ``async def`` function, also behind ``functools.partial`` or an object's ``__call__``."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or (callable(func) and inspect.iscoroutinefunction(type(func).__call__))
+
+
+# The call being handled. A ContextVar, not a global or threading.local: concurrent requests served by one
+# event loop (or one thread) each run in their own context, and a worker thread runs a copy of its caller's.
+_CURRENT: ContextVar[Optional[BranchInfo]] = ContextVar("dtmcli_branch_info", default=None)
+
+
+def current_branch_info() -> Optional[BranchInfo]:
+    """The branch call being handled in this context (thread or asyncio task); ``None`` outside one.
+
+    Set while an integration (Flask, FastAPI ``DtmRoute``, Django, :func:`handle`,
+    :func:`handle_async`) runs a handler, sync or async, so code deep in the call stack can read the
+    call without it being passed down. Concurrent requests each see their own.
+    """
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def handling(info: BranchInfo) -> Iterator[BranchInfo]:
+    """Make ``info`` the :func:`current_branch_info` for the block (restored after; nests)."""
+    token = _CURRENT.set(info)
+    try:
+        yield info
+    finally:
+        _CURRENT.reset(token)
+
+
+def parse_or_answer(query: Any) -> Union[BranchInfo, BranchResponse]:
+    """The BranchInfo of ``query`` (a mapping or a framework request), or the 400 answer for a malformed one."""
+    try:
+        return BranchInfo.from_request(query)
+    except BranchRequestError as exc:
+        return error_response(exc)
+
+
 def handle(info: BranchInfo, func: Callable[[], Any]) -> BranchResponse:
     """Run ``func()`` for the branch call ``info`` and map its result or exception to an answer.
 
     This is the framework-neutral core every integration (and the barrier decorator) calls.
     Only :class:`Exception` is mapped; ``KeyboardInterrupt`` and the like propagate.
     """
-    try:
-        value = func()
-    except Exception as exc:
-        return error_response(exc, info)
+    with handling(info):
+        try:
+            value = func()
+        except Exception as exc:
+            return error_response(exc, info)
     return success_response(value, info)
 
 
 async def handle_async(info: BranchInfo, func: Callable[[], Awaitable[Any]]) -> BranchResponse:
-    """:func:`handle` for a coroutine function."""
-    try:
-        value = await func()
-    except Exception as exc:
-        return error_response(exc, info)
+    """:func:`handle` for a coroutine function (awaited on the running loop)."""
+    with handling(info):
+        try:
+            value = await func()
+        except Exception as exc:
+            return error_response(exc, info)
     return success_response(value, info)
 
 
@@ -447,8 +500,15 @@ def handle_query(query: Any, func: Callable[[BranchInfo], Any]) -> BranchRespons
 
     A malformed query answers 400 without calling ``func``.
     """
-    try:
-        info = BranchInfo.from_request(query)
-    except BranchRequestError as exc:
-        return error_response(exc)
+    info = parse_or_answer(query)
+    if isinstance(info, BranchResponse):
+        return info
     return handle(info, lambda: func(info))
+
+
+async def handle_query_async(query: Any, func: Callable[[BranchInfo], Awaitable[Any]]) -> BranchResponse:
+    """:func:`handle_query` for a coroutine function: parse ``query``, then :func:`handle_async` ``func(info)``."""
+    info = parse_or_answer(query)
+    if isinstance(info, BranchResponse):
+        return info
+    return await handle_async(info, lambda: func(info))

@@ -1,4 +1,4 @@
-"""``DtmClient``: one DTM server address, its connection pool, and the query/admin API."""
+"""``DtmClient``: a DTM server address (or a cluster of them), its connection pool, and the query/admin API."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import shortuuid
 
 from ._consts import DEFAULT_DTM
+from ._dtm_servers import ENV_VAR
 from ._flow import Flow, Request, Sleep, run
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
-from ._transport import Transport, check_timeout, default_transport
+from ._transport import MAX_TIMEOUT, Transport, check_timeout, default_transport
 from ._validate import check_http_url, check_non_negative_int, check_received_gid
-from .errors import DtmError, DtmInvalidInput, DtmServerError, DtmTimeout, DtmTransportError
+from .errors import DtmConnectError, DtmError, DtmInvalidInput, DtmServerError, DtmTimeout, DtmTransportError
 
 __all__ = ["ClientBase", "DtmClient", "new_gid", "local_gid", "DtmLike", "next_page_position"]
 
@@ -47,6 +48,71 @@ def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return shown
 
 
+DEFAULT_DOWN_FOR = 5.0
+"""Seconds a server that refused a connection is passed over while another one is up."""
+
+
+def server_urls(url: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """The DTM server URL(s) a client is given, checked, without trailing slashes and deduplicated.
+
+    ``url`` is one URL, a comma-separated list (as in ``DTMCLI_SERVER``) or a sequence of URLs;
+    ``None`` means ``DTMCLI_SERVER``, else the standard local address.
+    """
+    if url is None:
+        url = os.environ.get(ENV_VAR, "") or DEFAULT_DTM
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise DtmInvalidInput(f"a DTM server URL must be a str, not {type(part).__name__}")
+        part = part.strip(" ") if isinstance(url, str) else part  # only spaces: "\x85".strip() would hide it
+        check_http_url(part, "DTM server URL")
+        part = part.rstrip("/")
+        if part not in urls:
+            urls.append(part)
+    if not urls:
+        raise DtmInvalidInput("no DTM server URL given")
+    return tuple(urls)
+
+
+class ServerPool:
+    """The DTM servers of a cluster in preference order; one that refused a connection is set aside.
+
+    Pure bookkeeping (the client's flows decide when to move on): :meth:`order` lists the servers
+    to try now — those up, in the configured order, then those marked down, soonest back first (a
+    server marked down is still tried when every server is down).
+    """
+
+    def __init__(self, urls: tuple[str, ...], down_for: float = DEFAULT_DOWN_FOR) -> None:
+        self.urls = urls
+        self.down_for = down_for
+        self._down_until: dict[str, float] = {}
+
+    def order(self, now: float) -> tuple[str, ...]:
+        """The servers to try, best first."""
+        down = self._down_until
+        if not down:
+            return self.urls
+        up = [u for u in self.urls if down.get(u, 0.0) <= now]
+        later = sorted((u for u in self.urls if down.get(u, 0.0) > now), key=lambda u: down[u])
+        return (*up, *later)
+
+    def mark_down(self, url: str, now: float) -> None:
+        """``url`` refused a connection: pass it over for ``down_for`` seconds."""
+        if url not in self._down_until or self._down_until[url] <= now:
+            logger.warning("DTM server %s refused a connection; using the others for %.0f s", url, self.down_for)
+        self._down_until[url] = now + self.down_for
+
+    def mark_up(self, url: str) -> None:
+        """``url`` answered."""
+        if self._down_until:
+            self._down_until.pop(url, None)
+
+    def down(self, now: float) -> tuple[str, ...]:
+        """The servers set aside at ``now``."""
+        return tuple(u for u, until in self._down_until.items() if until > now)
+
+
 class ClientBase:
     """What the sync and async DTM clients share: the address, the deadline and retry policy, the
     shared-client cache, and every call as a flow (:mod:`dtmcli._flow`) the subclass drives."""
@@ -57,7 +123,8 @@ class ClientBase:
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
     _evicted_warned: ClassVar[bool] = False
 
-    url: str
+    urls: tuple[str, ...]
+    servers: ServerPool
     timeout: Optional[float]
     retry: Retry
 
@@ -65,8 +132,14 @@ class ClientBase:
         super().__init_subclass__(**kwargs)
         cls._shared = OrderedDict()
 
-    def _configure(self, url: str, timeout: Any, transport: Any, retry: Optional[Retry]) -> None:
-        check_http_url(url, "DTM server URL")
+    def _configure(
+        self, url: Union[str, Sequence[str], None], timeout: Any, transport: Any, retry: Optional[Retry],
+        down_for: float = DEFAULT_DOWN_FOR,
+    ) -> None:
+        self.urls = server_urls(url)
+        if isinstance(down_for, bool) or not isinstance(down_for, (int, float)) or not 0 <= down_for <= MAX_TIMEOUT:
+            raise DtmInvalidInput(f"down_for must be a number of seconds >= 0, not {down_for!r}")
+        self.servers = ServerPool(self.urls, float(down_for))
         if timeout is _TRANSPORT_TIMEOUT:
             timeout = DEFAULT_TIMEOUT if transport is None else getattr(transport, "timeout", DEFAULT_TIMEOUT)
             try:
@@ -74,12 +147,18 @@ class ClientBase:
             except DtmInvalidInput:  # a custom transport's own notion (a tuple, a Timeout object)
                 timeout = DEFAULT_TIMEOUT
         self.timeout = check_timeout(timeout)
-        self.url = url.rstrip("/")
         self.retry = retry if retry is not None else DEFAULT_RETRY
 
+    @property
+    def url(self) -> str:
+        """The DTM server calls go to first: the only one, or the first of a cluster that is up."""
+        if len(self.urls) == 1:
+            return self.urls[0]
+        return self.servers.order(time.monotonic())[0]
+
     @classmethod
-    def _for_url(cls, url: str) -> Any:
-        key = url.rstrip("/")
+    def _for_url(cls, url: Union[str, Sequence[str]]) -> Any:
+        key = ",".join(server_urls(url))
         shared = cls._shared
         client = shared.get(key)
         if client is not None:
@@ -102,13 +181,14 @@ class ClientBase:
         return client
 
     @classmethod
-    def _forget_shared(cls, url: Optional[str]) -> list[Any]:
+    def _forget_shared(cls, url: Union[str, Sequence[str], None]) -> list[Any]:
         with ClientBase._shared_lock:
-            keys = list(cls._shared) if url is None else [url.rstrip("/")]
+            keys = list(cls._shared) if url is None else [",".join(server_urls(url))]
             return [cls._shared.pop(k) for k in keys if k in cls._shared]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        shown = self.urls[0] if len(self.urls) == 1 else list(self.urls)
+        return f"{type(self).__name__}({shown!r})"
 
     # -- flows -----------------------------------------------------------------------------
 
@@ -122,7 +202,6 @@ class ClientBase:
         idempotent: bool = False,
     ) -> Flow[Response]:
         data = dumps(body) if body is not None else None
-        url = f"{self.url}/{path}"
         if logger.isEnabledFor(logging.DEBUG):
             shown = dumps(_redact(body)).decode() if body is not None else ""
             logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
@@ -130,25 +209,45 @@ class ClientBase:
         budget = self.timeout
         deadline = None if budget is None else time.monotonic() + budget
         retry = self.retry if idempotent else NO_RETRY
+        servers = self.servers
+        cluster = len(self.urls) > 1
+        order = servers.order(time.monotonic()) if cluster else self.urls
         attempt = 0
+        index = 0  # into order; a retry or a refused connection moves on to the next server
         try:
             while True:
+                base = order[index % len(order)]
+                url = f"{base}/{path}"
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise DtmTimeout(f"{method} {url}: the {budget} s timeout ran out before a retry")
                 try:
                     resp: Response = yield Request(method, url, params, data, None, left)
                     break
-                except DtmTransportError:
+                except DtmConnectError:
+                    if cluster:
+                        servers.mark_down(base, time.monotonic())
+                        if index + 1 < len(order):
+                            # Nothing was sent: any call, submit included, may go to a server not tried yet.
+                            index += 1
+                            continue
                     delay = retry.next_delay(attempt, deadline, time.monotonic())
                     if delay is None:
                         raise
-                    yield Sleep(delay, retry.sleep)
-                    attempt += 1
+                except DtmTransportError:
+                    # It may have arrived: only an idempotent call is repeated (on the next server).
+                    delay = retry.next_delay(attempt, deadline, time.monotonic())
+                    if delay is None:
+                        raise
+                yield Sleep(delay, retry.sleep)
+                attempt += 1
+                index += 1
         except DtmError as exc:
             if exc.gid is None:
                 exc.gid = gid
             raise
+        if cluster:
+            servers.mark_up(base)
         err = dtm_error(resp, path=path, gid=gid)
         if err is not None:
             if logger.isEnabledFor(logging.DEBUG):
@@ -238,24 +337,32 @@ class DtmClient(ClientBase):
     attempt then gets the transport's own timeout, which for the transport the client builds is
     none at all. Clients are fork-safe: in a forked child the built-in transports open new
     connections instead of using the parent's.
+
+    ``url`` may list several DTM servers sharing one store (a list, or comma-separated; with no
+    ``url``, ``DTMCLI_SERVER`` is read, then the standard local address). Calls go to the first one
+    up; a server that refuses a connection is passed over for ``down_for`` seconds. A refused call
+    moves to the next server at once, whatever it is (nothing was sent). After a timeout or a reset
+    only idempotent calls (prepare, query, newGid, ...) are repeated, on the next server; a submit
+    is never sent twice (see ``submit(recover=True)``).
     """
 
     _shared: ClassVar[OrderedDict[str, DtmClient]]
 
     def __init__(
         self,
-        url: str = DEFAULT_DTM,
+        url: Union[str, Sequence[str], None] = None,
         *,
         timeout: Optional[float] = _TRANSPORT_TIMEOUT,
         transport: Optional[Transport] = None,
         retry: Optional[Retry] = None,
+        down_for: float = DEFAULT_DOWN_FOR,
     ) -> None:
-        self._configure(url, timeout, transport, retry)
+        self._configure(url, timeout, transport, retry, down_for)
         self.transport: Transport = transport if transport is not None else default_transport(self.timeout)
 
     @classmethod
-    def for_url(cls, url: str) -> DtmClient:
-        """The shared client for ``url`` (created on first use).
+    def for_url(cls, url: Union[str, Sequence[str]]) -> DtmClient:
+        """The shared client for ``url`` (created on first use; a list or comma-separated URLs for a cluster).
 
         At most ``MAX_SHARED_CLIENTS`` addresses are kept; past that the least recently used client
         is evicted. An evicted client is not closed, only forgotten: a thread may be in the middle
@@ -266,7 +373,7 @@ class DtmClient(ClientBase):
         return client
 
     @classmethod
-    def close_shared(cls, url: Optional[str] = None) -> None:
+    def close_shared(cls, url: Union[str, Sequence[str], None] = None) -> None:
         """Close and forget the shared client of ``url`` (every shared client when ``None``)."""
         for client in cls._forget_shared(url):
             client.close()
@@ -360,15 +467,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-DtmLike = Union[str, DtmClient]
+DtmLike = Union[str, Sequence[str], DtmClient]
 
 
 def as_client(dtm: DtmLike) -> DtmClient:
-    """A DtmClient from a URL string (the shared one for that address) or a client."""
+    """A DtmClient from a URL string or a list of URLs (the shared client for them) or a client."""
     if isinstance(dtm, DtmClient):
         return dtm
-    if isinstance(dtm, str):
-        check_http_url(dtm, "DTM server URL")
+    if isinstance(dtm, (str, list, tuple)):
         return DtmClient.for_url(dtm)
     raise DtmInvalidInput(f"dtm must be a URL or a DtmClient, not {type(dtm).__name__}")
 

@@ -13,32 +13,30 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional, TypeVar, overload
 
 from ._consts import DEFAULT_DTM, OP_TRY, TCC
+from ._flow import Flow
 from ._protocol import encode_payload
-from ._twophase import BranchReply, GlobalTransaction, TwoPhaseTrans
+from ._twophase import BranchReply, GlobalTransaction, TwoPhaseCore, TwoPhaseTrans, global_transaction
 from ._validate import check_http_url
 from .branch import BranchInfo, BranchRequestError
 from .client import DtmLike
 
-__all__ = ["Tcc", "tcc_global_transaction"]
+__all__ = ["Tcc", "TccCore", "tcc_global_transaction"]
 
 R = TypeVar("R")
+TC = TypeVar("TC", bound="TccCore")
 
 
-class Tcc(TwoPhaseTrans):
-    """A TCC global transaction (or, from :meth:`from_request`, a nested part of one).
-
-    Usually driven by :func:`tcc_global_transaction`; by hand it is ``prepare()``, any number of
-    :meth:`call_branch`, then ``submit()`` or ``abort(reason)``.
-    """
+class TccCore(TwoPhaseCore):
+    """Nesting and the branch call of a TCC, as flows (shared by :class:`Tcc` and the asyncio Tcc)."""
 
     trans_type = TCC
 
     @classmethod
-    def from_info(cls, info: BranchInfo, *, dtm: Optional[DtmLike] = None) -> Tcc:
+    def from_info(cls: type[TC], info: BranchInfo, *, dtm: Optional[Any] = None) -> TC:
         """A nested Tcc for the try call ``info``: same gid, branch ids ``<info.branch_id>01``, ...
 
         ``dtm`` overrides the DTM address taken from the request's ``dtm`` parameter (use it to
-        pin your own DtmClient instead of trusting the caller's URL). Raises
+        pin your own client instead of trusting the caller's URL). Raises
         :class:`~dtmcli.branch.BranchRequestError` unless ``info`` is a tcc ``try`` with a ``dtm``,
         and DtmInvalidInput when ``branch_id`` is too long to nest under (§5).
         """
@@ -54,14 +52,52 @@ class Tcc(TwoPhaseTrans):
         return tcc
 
     @classmethod
-    def from_query(cls, query: Mapping[str, Any], *, dtm: Optional[DtmLike] = None) -> Tcc:
+    def from_query(cls: type[TC], query: Mapping[str, Any], *, dtm: Optional[Any] = None) -> TC:
         """A nested Tcc from a try call's query mapping (see :meth:`from_info`)."""
         return cls.from_info(BranchInfo.from_query(query), dtm=dtm)
 
     @classmethod
-    def from_request(cls, request: Any, *, dtm: Optional[DtmLike] = None) -> Tcc:
+    def from_request(cls: type[TC], request: Any, *, dtm: Optional[Any] = None) -> TC:
         """A nested Tcc from a Flask, FastAPI/Starlette or Django request (see :meth:`from_info`)."""
         return cls.from_info(BranchInfo.from_request(request), dtm=dtm)
+
+    def _call_branch_flow(self, payload: Any, try_url: str, confirm_url: str, cancel_url: str) -> Flow[BranchReply]:
+        """Check (nothing sent on bad input), take the next branch id, register the branch, POST its try."""
+        self._check_can_call()
+        check_http_url(try_url, "tcc try URL", gid=self.gid)
+        check_http_url(confirm_url, "tcc confirm URL", gid=self.gid, allow_empty=True)
+        check_http_url(cancel_url, "tcc cancel URL", gid=self.gid, allow_empty=True)
+        data = encode_payload(payload, gid=self.gid)
+        branch_id = self._ids.next()
+        return self._recording(self._register_and_try(data, branch_id, try_url, confirm_url, cancel_url))
+
+    def _register_and_try(
+        self, data: str, branch_id: str, try_url: str, confirm_url: str, cancel_url: str
+    ) -> Flow[BranchReply]:
+        yield from self.client._post_flow(
+            "registerBranch",
+            {
+                "gid": self.gid,
+                "trans_type": TCC,
+                "branch_id": branch_id,
+                "data": data,
+                "confirm": confirm_url,
+                "cancel": cancel_url,
+            },
+        )
+        return (yield from self._branch_flow(try_url, data, branch_id, OP_TRY))
+
+
+class Tcc(TccCore, TwoPhaseTrans):
+    """A TCC global transaction (or, from :meth:`from_request`, a nested part of one).
+
+    Usually driven by :func:`tcc_global_transaction`; by hand it is ``prepare()``, any number of
+    :meth:`call_branch`, then ``submit()`` or ``abort(reason)``. ``Tcc.from_request(request)``
+    (also ``from_query``, ``from_info``) continues the global transaction inside a try handler.
+    """
+
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
 
     def call_branch(self, payload: Any, try_url: str, confirm_url: str, cancel_url: str) -> BranchReply:
         """Register a branch (confirm/cancel URLs and payload), then POST its try; return the try's answer.
@@ -72,28 +108,7 @@ class Tcc(TwoPhaseTrans):
         Any error after the branch was registered makes the global transaction abort.
         Thread-safe: branches may be called concurrently.
         """
-        self._check_can_call()
-        check_http_url(try_url, "tcc try URL", gid=self.gid)
-        check_http_url(confirm_url, "tcc confirm URL", gid=self.gid, allow_empty=True)
-        check_http_url(cancel_url, "tcc cancel URL", gid=self.gid, allow_empty=True)
-        data = encode_payload(payload, gid=self.gid)
-        branch_id = self._ids.next()
-        try:
-            self.client.post(
-                "registerBranch",
-                {
-                    "gid": self.gid,
-                    "trans_type": TCC,
-                    "branch_id": branch_id,
-                    "data": data,
-                    "confirm": confirm_url,
-                    "cancel": cancel_url,
-                },
-            )
-            return self._call_branch(try_url, data, branch_id, OP_TRY)
-        except BaseException as exc:
-            self._record(exc)
-            raise
+        return self._drive(self._call_branch_flow(payload, try_url, confirm_url, cancel_url))
 
 
 @overload
@@ -132,8 +147,4 @@ def tcc_global_transaction(
     before anything is sent. The body must be a plain function: an ``async def`` raises
     DtmInvalidInput here (its body would only run after the submit).
     """
-    Tcc(dtm, gid, **options)  # validate now
-    runner = GlobalTransaction(lambda: Tcc(dtm, gid, **options), "tcc_global_transaction")
-    if callback is None:
-        return runner
-    return runner.run(callback)
+    return global_transaction(GlobalTransaction, Tcc, "tcc_global_transaction", dtm, gid, callback, options)

@@ -13,22 +13,38 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, TypeVar, overload
 
 from ._consts import DEFAULT_DTM, OP_ACTION, XA
+from ._flow import Flow, run
 from ._protocol import encode_payload
-from ._twophase import BranchReply, GlobalTransaction, TwoPhaseTrans
+from ._twophase import BranchReply, GlobalTransaction, TwoPhaseCore, TwoPhaseTrans, global_transaction
 from ._validate import check_http_url
 from .branch import BranchInfo, BranchRequestError
-from .client import DtmLike, as_client
+from .client import ClientBase, DtmLike, as_client
 
-__all__ = ["Xa", "xa_global_transaction", "register_xa_branch"]
+__all__ = ["Xa", "XaCore", "xa_global_transaction", "register_xa_branch", "register_xa_branch_flow", "xa_registration"]
 
 R = TypeVar("R")
 
 
-class Xa(TwoPhaseTrans):
+class XaCore(TwoPhaseCore):
+    """The branch call of an XA global transaction, as a flow (shared by :class:`Xa` and the asyncio Xa)."""
+
+    trans_type = XA
+
+    def _call_branch_flow(self, payload: Any, url: str) -> Flow[BranchReply]:
+        """Check (nothing sent on bad input), take the next branch id, POST the action."""
+        self._check_can_call()
+        check_http_url(url, "xa branch URL", gid=self.gid)
+        body = encode_payload(payload, gid=self.gid)
+        branch_id = self._ids.next()
+        return self._recording(self._branch_flow(url, body, branch_id, OP_ACTION, phase2_url=url))
+
+
+class Xa(XaCore, TwoPhaseTrans):
     """An XA global transaction. Usually driven by :func:`xa_global_transaction`; by hand it is
     ``prepare()``, any number of :meth:`call_branch`, then ``submit()`` or ``abort(reason)``."""
 
-    trans_type = XA
+    def __init__(self, dtm: DtmLike = DEFAULT_DTM, gid: Optional[str] = None, **options: Any) -> None:
+        super().__init__(dtm, gid, **options)
 
     def call_branch(self, payload: Any, url: str) -> BranchReply:
         """POST the branch's action (``op=action``, ``phase2_url=url``) and return its answer.
@@ -37,15 +53,25 @@ class Xa(TwoPhaseTrans):
         as DTM reads it (FAILURE → DtmFailure, ONGOING → DtmOngoing, other errors DtmServerError);
         any error makes the global transaction abort. Thread-safe.
         """
-        self._check_can_call()
-        check_http_url(url, "xa branch URL", gid=self.gid)
-        body = encode_payload(payload, gid=self.gid)
-        branch_id = self._ids.next()
-        try:
-            return self._call_branch(url, body, branch_id, OP_ACTION, phase2_url=url)
-        except BaseException as exc:
-            self._record(exc)
-            raise
+        return self._drive(self._call_branch_flow(payload, url))
+
+
+def xa_registration(info: BranchInfo) -> dict[str, str]:
+    """The registerBranch body of the XA branch of ``info`` (an ``op=action`` call); checked, nothing sent."""
+    if info.trans_type != XA or info.op != OP_ACTION:
+        raise BranchRequestError(
+            f"only an xa action registers an xa branch, not a {info.trans_type} {info.op}",
+            gid=info.gid,
+            branch_id=info.branch_id,
+            op=info.op,
+        )
+    url = info.require_phase2_url()
+    return {"gid": info.gid, "trans_type": XA, "branch_id": info.branch_id, "url": url}
+
+
+def register_xa_branch_flow(client: ClientBase, body: dict[str, str]) -> Flow[None]:
+    """The registerBranch call of an XA branch (``body`` from :func:`xa_registration`)."""
+    yield from client._post_flow("registerBranch", body)
 
 
 def register_xa_branch(info: BranchInfo, *, dtm: Optional[DtmLike] = None) -> None:
@@ -55,16 +81,9 @@ def register_xa_branch(info: BranchInfo, *, dtm: Optional[DtmLike] = None) -> No
     transaction, before ``XA PREPARE`` (protocol.md §9). ``dtm`` overrides the request's ``dtm``.
     A 409 means the global transaction is no longer ``prepared``: roll the local work back.
     """
-    if info.trans_type != XA or info.op != OP_ACTION:
-        raise BranchRequestError(
-            f"only an xa action registers an xa branch, not a {info.trans_type} {info.op}",
-            gid=info.gid,
-            branch_id=info.branch_id,
-            op=info.op,
-        )
-    url = info.require_phase2_url()
+    body = xa_registration(info)
     client = as_client(dtm if dtm is not None else info.require_dtm())
-    client.post("registerBranch", {"gid": info.gid, "trans_type": XA, "branch_id": info.branch_id, "url": url})
+    run(register_xa_branch_flow(client, body), client)
 
 
 @overload
@@ -96,8 +115,4 @@ def xa_global_transaction(
     :func:`~dtmcli.tcc.tcc_global_transaction`: ``with``, decorator, or ``callback``; an
     ``async def`` body raises DtmInvalidInput.
     """
-    Xa(dtm, gid, **options)  # validate now
-    runner = GlobalTransaction(lambda: Xa(dtm, gid, **options), "xa_global_transaction")
-    if callback is None:
-        return runner
-    return runner.run(callback)
+    return global_transaction(GlobalTransaction, Xa, "xa_global_transaction", dtm, gid, callback, options)

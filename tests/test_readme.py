@@ -15,10 +15,15 @@ GitHub does not render::
   names an earlier one defined (``DTM``, ``busi``, ``saga`` ...). Blocks without it run alone.
 - ``needs mysql`` / ``needs postgres`` / ``needs redis``: the block uses that local service (see
   tests/services.py: skipped when unreachable, failing under ``CI=true``).
+
+A block with a top-level ``await`` (the asyncio examples) runs in its own ``asyncio.run``.
 """
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +120,11 @@ def test_readme_blocks_run(name: str) -> None:
         namespace: dict[str, Any] = {"__name__": f"readme_{name}"}
         for b in blocks:
             code = b.code.replace(README_DTM, server.url).replace(README_BUSI, f"{busi.base_url}/api/busi")
-            exec(compile(code, f"README.md:{b.line}", "exec"), namespace)
+            compiled = compile(code, f"README.md:{b.line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if compiled.co_flags & inspect.CO_COROUTINE:
+                asyncio.run(eval(compiled, namespace))
+            else:
+                exec(compiled, namespace)
         server.wait_idle()
         client = DtmClient(server.url)
         try:

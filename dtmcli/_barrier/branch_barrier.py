@@ -1,7 +1,9 @@
 """``BranchBarrier``: the barrier identity of one branch call and its calls on each store.
 
-The public face is :mod:`dtmcli.barrier`, which re-exports it. This module imports only the
-storage modules, never :mod:`dtmcli.branch` at run time, so the import graph stays acyclic.
+The public face is :mod:`dtmcli.barrier`, which re-exports it. :class:`BarrierBase` is the identity
+part (validation, constructors, barrier ids) that the asyncio ``BranchBarrier``
+(:mod:`dtmcli.asyncio.barrier`) shares. This module imports only the storage modules, never
+:mod:`dtmcli.branch` at run time, so the import graph stays acyclic.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ from .redis import DEFAULT_EXPIRE as REDIS_DEFAULT_EXPIRE
 if TYPE_CHECKING:
     from ..branch import BranchInfo
 
-__all__ = ["BranchBarrier"]
+__all__ = ["BarrierBase", "BranchBarrier", "msg_barrier"]
 
 R = TypeVar("R")
+B = TypeVar("B", bound="BarrierBase")
 
 _WORD_RE = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_OP_LEN - 1}}}")
 
 
-class BranchBarrier:
+class BarrierBase:
     """The barrier identity of one branch call; every field must be non-empty.
 
     ``table`` is the SQL table (``schema.name``) or Mongo ``database.collection`` the barrier
-    writes to; it defaults to :attr:`default_table` (``dtm_barrier.barrier``).
+    writes to; it defaults to :attr:`default_table`.
     """
 
-    default_table: str = DEFAULT_TABLE
-    """Class-wide default barrier table; set it once at start-up to move every barrier."""
+    default_table: Optional[str] = None
+    """Class-wide default barrier table; ``None`` follows ``dtmcli.barrier.BranchBarrier.default_table``."""
 
     def __init__(
         self, trans_type: str, gid: str, branch_id: str, op: str, *, table: Optional[str] = None
@@ -51,13 +54,14 @@ class BranchBarrier:
         self.gid = gid
         self.branch_id = branch_id
         self.op = op
-        self.table = validate_table(table if table is not None else self.default_table)
+        default = self.default_table if self.default_table is not None else BranchBarrier.default_table
+        self.table = validate_table(table if table is not None else default)
         self.barrier_id = 0
         self.last_decision: Optional[Decision] = None
         self._lock = threading.Lock()
 
     @classmethod
-    def from_query(cls, query: Mapping[str, Any], *, table: Optional[str] = None) -> BranchBarrier:
+    def from_query(cls: type[B], query: Mapping[str, Any], *, table: Optional[str] = None) -> B:
         """Build from a callback's query parameters (``trans_type``, ``gid``, ``branch_id``, ``op``)."""
         values = {k: query.get(k) for k in ("trans_type", "gid", "branch_id", "op")}
         missing = [k for k, v in values.items() if not v]
@@ -68,7 +72,7 @@ class BranchBarrier:
         )
 
     @classmethod
-    def from_info(cls, info: BranchInfo, *, table: Optional[str] = None) -> BranchBarrier:
+    def from_info(cls: type[B], info: BranchInfo, *, table: Optional[str] = None) -> B:
         """The barrier of the parsed branch call ``info`` (a :class:`~dtmcli.branch.BranchInfo`).
 
         Barrier ids count per object: make one per request and use it for every barrier call of
@@ -77,7 +81,7 @@ class BranchBarrier:
         return cls(info.trans_type, info.gid, info.branch_id, info.op, table=table)
 
     @classmethod
-    def for_msg(cls, gid: str, *, table: Optional[str] = None) -> BranchBarrier:
+    def for_msg(cls: type[B], gid: str, *, table: Optional[str] = None) -> B:
         """The barrier of a 2-phase message's local transaction (branch ``00``, op ``msg``)."""
         return cls(MSG, gid, MSG_BRANCH_ID, OP_MSG, table=table)
 
@@ -94,6 +98,21 @@ class BranchBarrier:
 
     def _record(self, decision: Decision) -> None:
         self.last_decision = decision
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.trans_type!r}, {self.gid!r}, {self.branch_id!r}, {self.op!r})"
+
+
+class BranchBarrier(BarrierBase):
+    """The barrier identity of one branch call and its blocking calls on each store.
+
+    ``table`` is the SQL table (``schema.name``) or Mongo ``database.collection`` the barrier
+    writes to; it defaults to :attr:`default_table` (``dtm_barrier.barrier``). The asyncio form is
+    :class:`dtmcli.asyncio.BranchBarrier`.
+    """
+
+    default_table: str = DEFAULT_TABLE
+    """Class-wide default barrier table; set it once at start-up to move every barrier (asyncio ones too)."""
 
     # -- SQL ---------------------------------------------------------------------------------
 
@@ -163,5 +182,14 @@ class BranchBarrier:
         """The msg ``query_prepared`` check on MongoDB (**experimental**); DtmFailure when rolled back."""
         _mongo.query_prepared(client, self.trans_type, self.gid, table=self.table)
 
-    def __repr__(self) -> str:
-        return f"BranchBarrier({self.trans_type!r}, {self.gid!r}, {self.branch_id!r}, {self.op!r})"
+
+def msg_barrier(cls: type[B], query: Any, table: Optional[str]) -> B:
+    """The barrier a module-level ``query_prepared`` answers for: ``query`` is the request's query
+    mapping, a barrier (of either flavour) or a gid."""
+    if isinstance(query, cls):
+        return query
+    if isinstance(query, BarrierBase):
+        return cls(query.trans_type, query.gid, query.branch_id, query.op, table=table or query.table)
+    if isinstance(query, str):
+        return cls.for_msg(query, table=table)
+    return cls.from_query(query, table=table)

@@ -1,22 +1,27 @@
 """The storage-independent part of the sub-transaction barrier (protocol.md §7).
 
 The decision of a barrier call depends only on the op and on how many rows (or documents, or keys)
-the two insert-if-absent steps created; :func:`decide` is that decision. :func:`run_barrier` is
-the whole flow (begin, origin-op insert, current-op insert, decide, run or skip, commit) over a
-:class:`BarrierStore`, the thin per-store adapter (SQL in ``sql.py``, MongoDB in ``mongo.py``);
-:func:`settle_prepared` is the shared end of the msg ``query_prepared`` check. The Redis backend
-runs the same rules inside one Lua script.
+the two insert-if-absent steps created; :func:`decide` is that decision. :func:`barrier_flow` is
+the whole call (begin, origin-op insert, current-op insert, decide, run or skip, commit) as a
+sans-I/O flow (:mod:`dtmcli._flow`) over a store's effects; :func:`run_barrier` drives it on a
+blocking :class:`BarrierStore` (SQL in ``sql.py``, MongoDB in ``mongo.py``) and
+:func:`arun_barrier` on an asyncio one (``dtmcli/asyncio/_barrier_*.py``). :func:`prepared_flow`
+is the msg ``query_prepared`` check, ending in :func:`settle_prepared`. The Redis backend runs the
+same rules inside one Lua script.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import re
 from importlib import resources
-from typing import Any, Callable, Mapping, Optional, Protocol, TypeVar
+from typing import Any, Callable, Mapping, NoReturn, Optional, Protocol, TypeVar
 
+from .. import _flow
 from .._consts import MSG_BRANCH_ID, OP_ACTION, OP_CANCEL, OP_COMPENSATE, OP_MSG, OP_ROLLBACK, OP_TRY
+from .._flow import Call, Flow, StoreOp
 from ..errors import BarrierConflict, BarrierDatabaseError, DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput
 
 __all__ = [
@@ -29,8 +34,12 @@ __all__ = [
     "MSG_BARRIER_ID",
     "ORIGIN_OP",
     "REASON_ROLLBACK",
+    "StoreErrors",
+    "arun_barrier",
+    "barrier_flow",
     "decide",
     "load_resource",
+    "prepared_flow",
     "run_barrier",
     "settle_prepared",
     "split_table",
@@ -130,12 +139,25 @@ class BarrierIdentity(Protocol):
     def next_barrier_id(self) -> str: ...
 
 
-class BarrierStore(Protocol):
-    """One local transaction of a barrier backend: the only part that differs per store."""
+class StoreErrors(Protocol):
+    """The pure (no I/O) part of a store a flow reads directly: the business handle and error mapping."""
 
     @property
     def tx(self) -> Any:
         """What the business function receives (the connection, Session or Mongo session)."""
+
+    def map_error(self, exc: BaseException, what: str) -> DtmError:
+        """The typed error for a store failure during ``what`` (begin, insert, commit, query_prepared)."""
+
+    def busi_error(self, exc: Exception) -> Optional[DtmError]:
+        """A typed error replacing a store failure raised by the business function, or ``None`` to re-raise it."""
+
+
+class BarrierStore(StoreErrors, Protocol):
+    """One local transaction of a barrier backend, blocking form: the I/O the flows ask for by name.
+
+    The asyncio stores have the same methods as coroutines (:func:`arun_barrier` awaits them).
+    """
 
     def begin(self) -> None: ...
 
@@ -152,41 +174,54 @@ class BarrierStore(Protocol):
         transaction (a commit that already ended it leaves nothing to roll back).
         """
 
-    def map_error(self, exc: BaseException, what: str) -> DtmError:
-        """The typed error for a store failure during ``what`` (begin, insert, commit)."""
 
-    def busi_error(self, exc: Exception) -> Optional[DtmError]:
-        """A typed error replacing a store failure raised by the business function, or ``None`` to re-raise it."""
+def _undo(store: StoreErrors, exc: BaseException, what: str) -> Flow[NoReturn]:
+    """Roll back after ``exc``, then raise: the store's typed error for an Exception, else ``exc`` itself.
+
+    A cancellation (asyncio.CancelledError) or KeyboardInterrupt is re-raised as it is, after the
+    rollback: the local transaction never outlives the call that opened it.
+    """
+    yield StoreOp("rollback", exc)
+    if isinstance(exc, Exception):
+        raise store.map_error(exc, what) from exc
+    raise exc
 
 
-def run_barrier(
-    store: BarrierStore,
+def barrier_flow(
+    store: StoreErrors,
     barrier: BarrierIdentity,
-    busi: Callable[[Any], R],
+    busi: Callable[[Any], Any],
     on_decision: Optional[Callable[[Decision], None]] = None,
-) -> Optional[R]:
-    """The barrier algorithm on ``store`` (protocol.md §7).
+) -> Flow[Any]:
+    """The barrier algorithm (protocol.md §7) as a flow over a store's effects.
 
-    Returns ``busi``'s result, or ``None`` when the call was a duplicate, suspended or a null
-    compensation (committed without running ``busi``). Raises DtmDuplicated for a repeated msg,
-    the store's typed errors for its failures, and whatever ``busi`` raised otherwise (after
-    rolling the markers back with it).
+    Yields ``StoreOp`` begin, insert_if_absent (origin op, then current op), commit and rollback,
+    and ``Call(busi, store.tx)`` for the business function; returns ``busi``'s result, or ``None``
+    when the call was a duplicate, suspended or a null compensation (committed without running
+    ``busi``). Raises DtmDuplicated for a repeated msg, the store's typed errors for its failures,
+    and whatever ``busi`` raised otherwise (after rolling the markers back with it). An error that is
+    not an Exception (a cancellation) at any step after begin rolls back and propagates unchanged.
     """
     bid = barrier.next_barrier_id()
     origin = origin_op(barrier.op)
     ident = (barrier.trans_type, barrier.gid, barrier.branch_id)
     try:
-        store.begin()
+        yield StoreOp("begin")
     except DtmError:
+        raise
+    except GeneratorExit:
         raise
     except Exception as exc:
         raise store.map_error(exc, "begin") from exc
+    except BaseException as exc:  # cancelled while opening: undo whatever was opened
+        yield from _undo(store, exc, "begin")
     try:
-        origin_affected = store.insert_if_absent(*ident, origin, bid, barrier.op) if origin else 0
-        current_affected = store.insert_if_absent(*ident, barrier.op, bid, barrier.op)
-    except Exception as exc:
-        store.rollback(exc)
-        raise store.map_error(exc, "insert") from exc
+        origin_affected = (yield StoreOp("insert_if_absent", *ident, origin, bid, barrier.op)) if origin else 0
+        current_affected = yield StoreOp("insert_if_absent", *ident, barrier.op, bid, barrier.op)
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        yield from _undo(store, exc, "insert")
     decision = decide(barrier.op, origin_affected, current_affected)
     logger.debug(
         "barrier %s/%s/%s/%s: origin_affected=%s current_affected=%s -> %s",
@@ -199,24 +234,97 @@ def run_barrier(
             "msg local transaction already done or rolled back", gid=barrier.gid, branch_id=barrier.branch_id,
             op=barrier.op,
         )
-        store.rollback(duplicated)
+        yield StoreOp("rollback", duplicated)
         raise duplicated
-    result: Optional[R] = None
+    result: Any = None
     if decision is Decision.RUN:
         try:
-            result = busi(store.tx)
+            result = yield Call(busi, store.tx)
+        except GeneratorExit:
+            raise
         except BaseException as exc:
-            store.rollback(exc)
+            yield StoreOp("rollback", exc)
             mapped = store.busi_error(exc) if isinstance(exc, Exception) and not isinstance(exc, DtmError) else None
             if mapped is not None:
                 raise mapped from exc
             raise
     try:
-        store.commit()
-    except Exception as exc:
-        store.rollback(exc)
-        raise store.map_error(exc, "commit") from exc
+        yield StoreOp("commit")
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        yield from _undo(store, exc, "commit")
     return result
+
+
+def run_barrier(
+    store: BarrierStore,
+    barrier: BarrierIdentity,
+    busi: Callable[[Any], R],
+    on_decision: Optional[Callable[[Decision], None]] = None,
+) -> Optional[R]:
+    """Run :func:`barrier_flow` on a blocking ``store``; ``busi`` must not be a coroutine function.
+
+    Returns ``busi``'s result, or ``None`` when the call was a duplicate, suspended or a null
+    compensation. An awaitable returned by ``busi`` is refused (DtmInvalidInput, after rolling back):
+    it would never run, yet the barrier would commit as if it had.
+    """
+
+    def checked(tx: Any) -> R:
+        value = busi(tx)
+        if inspect.isawaitable(value):
+            close = getattr(value, "close", None)
+            if callable(close):
+                close()  # never awaited: close it so no "never awaited" warning hides the error
+            raise DtmInvalidInput(
+                "the business function returned an awaitable: the blocking barrier cannot await it; "
+                "use dtmcli.asyncio.BranchBarrier for async def business functions"
+            )
+        return value
+
+    return _flow.run(barrier_flow(store, barrier, checked, on_decision), store)  # type: ignore[no-any-return]
+
+
+async def arun_barrier(
+    store: Any,
+    barrier: BarrierIdentity,
+    busi: Callable[[Any], Any],
+    on_decision: Optional[Callable[[Decision], None]] = None,
+) -> Any:
+    """Run :func:`barrier_flow` on an asyncio ``store`` (its methods are coroutines); ``busi`` may be async."""
+    return await _flow.arun(barrier_flow(store, barrier, busi, on_decision), store)
+
+
+# --- the msg query_prepared check -------------------------------------------------------------------
+
+
+def prepared_flow(store: StoreErrors, trans_type: str, gid: str) -> Flow[None]:
+    """The msg ``query_prepared`` check (protocol.md §7) as a flow; returns on success, raises DtmFailure on rollback.
+
+    Yields ``StoreOp`` begin, insert_if_absent of the ``rollback`` marker for (gid, 00, msg, 01)
+    (a no-op when the local transaction already inserted its row), ``read_reason`` of that key,
+    commit; then :func:`settle_prepared` decides from the reason read.
+    """
+    try:
+        yield StoreOp("begin")
+    except (DtmError, GeneratorExit):
+        raise
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            raise store.map_error(exc, "query_prepared") from exc
+        yield from _undo(store, exc, "query_prepared")
+    try:
+        yield StoreOp("insert_if_absent", trans_type, gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, REASON_ROLLBACK)
+        reason = yield StoreOp("read_reason", gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID)
+        yield StoreOp("commit")
+    except GeneratorExit:
+        raise
+    except DtmError as exc:
+        yield StoreOp("rollback", exc)
+        raise
+    except BaseException as exc:
+        yield from _undo(store, exc, "query_prepared")
+    settle_prepared(reason, gid)
 
 
 def settle_prepared(reason: Optional[str], gid: str) -> None:

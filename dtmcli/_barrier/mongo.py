@@ -1,5 +1,9 @@
-"""MongoDB barrier backend (**experimental**): :func:`~dtmcli._barrier.core.run_barrier` on a
+"""MongoDB barrier backend (**experimental**): :func:`~dtmcli._barrier.core.barrier_flow` on a
 session transaction (protocol.md §7).
+
+``MongoStoreBase`` holds what the blocking store here and the asyncio store (pymongo's
+``AsyncMongoClient``, ``dtmcli/asyncio/_barrier_nosql.py``) share: the key and upsert documents,
+the insert count, the abort decision and the error mapping; the stores only perform the calls.
 
 Experimental: no MongoDB server is available where dtmcli is developed; the flow is tested with the
 shared decision logic and an in-memory fake, and against a real replica set only when
@@ -13,24 +17,32 @@ calls cannot both "insert" the same marker.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from .. import _flow
 from .._consts import MSG_BRANCH_ID, OP_MSG
-from ..errors import DtmError
+from .._flow import Flow, StoreOp
+from ..errors import DtmError, DtmInvalidInput
 from .core import (
     DEFAULT_TABLE,
-    MSG_BARRIER_ID,
-    REASON_ROLLBACK,
     BarrierConflict,
     BarrierDatabaseError,
     BarrierIdentity,
     Decision,
+    prepared_flow,
     run_barrier,
-    settle_prepared,
     split_table,
 )
 
-__all__ = ["barrier_call", "create_schema", "insert_if_absent", "map_mongo_error", "query_prepared"]
+__all__ = [
+    "MongoStoreBase",
+    "barrier_call",
+    "check_client",
+    "create_schema",
+    "insert_if_absent",
+    "map_mongo_error",
+    "query_prepared",
+]
 
 logger = logging.getLogger("dtmcli")
 
@@ -46,7 +58,22 @@ NO_REPLICA_SET_HINT = (
 )
 
 
-def _collection(client: Any, table: str) -> Any:
+def check_client(client: Any, *, asyncio: bool) -> None:
+    """Refuse, before any call, pymongo's ``AsyncMongoClient`` given to the blocking barrier or a
+    ``MongoClient`` given to the asyncio one."""
+    module = type(client).__module__
+    if module.split(".")[0] != "pymongo":
+        return
+    is_async = module.startswith("pymongo.asynchronous")
+    if is_async and not asyncio:
+        raise DtmInvalidInput(f"{module}.{type(client).__name__} is an asyncio client: use the asyncio barrier "
+                              "(dtmcli.asyncio.BranchBarrier) or a pymongo.MongoClient")
+    if asyncio and not is_async:
+        raise DtmInvalidInput(f"{module}.{type(client).__name__} is a blocking client: the asyncio barrier needs "
+                              "pymongo's AsyncMongoClient")
+
+
+def collection(client: Any, table: str) -> Any:
     database, name = split_table(table)
     return client[database or "dtm_barrier"][name]
 
@@ -63,40 +90,44 @@ def map_mongo_error(exc: BaseException, what: str, where: dict[str, Any]) -> Dtm
     return BarrierDatabaseError(f"barrier {what} failed: {type(exc).__name__}: {text}", **where)
 
 
-def insert_if_absent(coll: Any, session: Any, key: dict[str, str], trans_type: str, reason: str) -> int:
-    """Insert the barrier document unless its unique key exists; 1 when inserted, else 0."""
-    result = coll.update_one(
-        key, {"$setOnInsert": {"trans_type": trans_type, "reason": reason}}, upsert=True, session=session
-    )
+def set_on_insert(trans_type: str, reason: str) -> dict[str, Any]:
+    """The upsert document of a barrier marker: written only when its key is new."""
+    return {"$setOnInsert": {"trans_type": trans_type, "reason": reason}}
+
+
+def inserted(result: Any) -> int:
+    """1 when an ``update_one(upsert=True)`` inserted the document, else 0."""
     return 1 if result.upserted_id is not None else 0
 
 
-def _key(gid: str, branch_id: str, op: str, barrier_id: str) -> dict[str, str]:
+def insert_if_absent(coll: Any, session: Any, key: dict[str, str], trans_type: str, reason: str) -> int:
+    """Insert the barrier document unless its unique key exists; 1 when inserted, else 0."""
+    return inserted(coll.update_one(key, set_on_insert(trans_type, reason), upsert=True, session=session))
+
+
+def barrier_key(gid: str, branch_id: str, op: str, barrier_id: str) -> dict[str, str]:
+    """The unique key of one barrier document."""
     return dict(zip(_KEY_FIELDS, (gid, branch_id, op, barrier_id)))
 
 
-class _MongoStore:
-    """The MongoDB adapter of :func:`~dtmcli._barrier.core.run_barrier`: one session transaction."""
 
-    def __init__(self, coll: Any, session: Any, barrier: BarrierIdentity) -> None:
+class MongoStoreBase:
+    """The MongoDB store of the barrier flows, minus the driving: one session transaction.
+
+    ``session`` is ``None`` for the msg ``query_prepared`` check, which writes outside a transaction:
+    then begin, commit and rollback do nothing.
+    """
+
+    def __init__(self, coll: Any, session: Any, where: Mapping[str, Any]) -> None:
         self.coll = coll
         self.tx = session
-        self.where: dict[str, Any] = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
+        self.where: dict[str, Any] = dict(where)
 
-    def begin(self) -> None:
-        self.tx.start_transaction()
-
-    def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
-                         reason: str) -> int:
-        return insert_if_absent(self.coll, self.tx, _key(gid, branch_id, op, barrier_id), trans_type, reason)
-
-    def commit(self) -> None:
-        self.tx.commit_transaction()
-
-    def rollback(self, cause: BaseException) -> None:
+    def rollback_flow(self, cause: BaseException) -> Flow[None]:
+        """Abort the session's transaction if one is open (on the session); a failing abort is logged."""
         try:
-            if self.tx.in_transaction:
-                self.tx.abort_transaction()
+            if self.tx is not None and self.tx.in_transaction:
+                yield StoreOp("abort_transaction")
         except Exception as exc:
             logger.warning("mongo barrier %s: abort after %s failed too: %s", self.where, type(cause).__name__, exc)
 
@@ -105,6 +136,35 @@ class _MongoStore:
 
     def busi_error(self, exc: Exception) -> Optional[DtmError]:
         return None
+
+
+class _MongoStore(MongoStoreBase):
+    """The blocking MongoDB store of :func:`~dtmcli._barrier.core.run_barrier`."""
+
+    def begin(self) -> None:
+        if self.tx is not None:
+            self.tx.start_transaction()
+
+    def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
+                         reason: str) -> int:
+        return insert_if_absent(self.coll, self.tx, barrier_key(gid, branch_id, op, barrier_id), trans_type, reason)
+
+    def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
+        doc = self.coll.find_one(barrier_key(gid, branch_id, op, barrier_id))
+        return doc.get("reason") if doc else None
+
+    def commit(self) -> None:
+        if self.tx is not None:
+            self.tx.commit_transaction()
+
+    def rollback(self, cause: BaseException) -> None:
+        if self.tx is not None:
+            _flow.run(self.rollback_flow(cause), self.tx)
+
+
+def barrier_where(barrier: BarrierIdentity) -> dict[str, Any]:
+    """The error labels of a barrier call."""
+    return {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
 
 
 def barrier_call(
@@ -121,28 +181,28 @@ def barrier_call(
     null compensation), DtmDuplicated for a repeated msg; database problems raise
     BarrierDatabaseError or BarrierConflict (and a missing replica set says so).
     """
-    coll = _collection(client, table)
+    check_client(client, asyncio=False)
+    coll = collection(client, table)
     session = client.start_session()
     try:
-        return run_barrier(_MongoStore(coll, session, barrier), barrier, busi, on_decision)
+        return run_barrier(_MongoStore(coll, session, barrier_where(barrier)), barrier, busi, on_decision)
     finally:
         session.end_session()
 
 
 def query_prepared(client: Any, trans_type: str, gid: str, *, table: str = DEFAULT_TABLE) -> None:
     """The msg ``query_prepared`` check on MongoDB (**experimental**): return on success, DtmFailure on rollback."""
-    coll = _collection(client, table)
-    key = _key(gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID)
-    where: dict[str, Any] = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
-    try:
-        insert_if_absent(coll, None, key, trans_type, REASON_ROLLBACK)
-        doc = coll.find_one(key)
-    except Exception as exc:
-        raise map_mongo_error(exc, "query_prepared", where) from exc
-    settle_prepared(doc.get("reason") if doc else None, gid)
+    check_client(client, asyncio=False)
+    store = _MongoStore(collection(client, table), None, msg_where(gid))
+    _flow.run(prepared_flow(store, trans_type, gid), store)
+
+
+def msg_where(gid: str) -> dict[str, Any]:
+    """The error labels of the msg ``query_prepared`` check of ``gid``."""
+    return {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
 
 
 def create_schema(client: Any, *, table: str = DEFAULT_TABLE) -> None:
     """Create the unique index on (gid, branch_id, op, barrier_id) if it does not exist (**experimental**)."""
-    coll = _collection(client, table)
+    coll = collection(client, table)
     coll.create_index([(field, 1) for field in _KEY_FIELDS], unique=True)

@@ -22,6 +22,11 @@ call leaves no marker, so DTM's redelivery applies the effect once the cause is 
 script, it checks the markers (duplicate, null compensation) before the balance, so only the call
 that applies the amount can fail on it: a redelivered applied op or a null compensation never
 answers FAILURE, whatever the balance.
+
+Each call is a flow (:func:`adjust_flow`, :func:`prepared_flow`) whose effects are method calls on
+the Redis client (EVALSHA, and SCRIPT LOAD after a NOSCRIPT answer): the blocking functions here run
+it on a ``redis.Redis``, the asyncio ones (:mod:`dtmcli.asyncio.barrier`) on a ``redis.asyncio.Redis``,
+with the same scripts, keys and decisions.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import hashlib
 import logging
 from typing import Any, Optional
 
+from .. import _flow
 from .._consts import MSG_BRANCH_ID, OP_MSG
+from .._flow import Flow, StoreOp
 from ..errors import DtmDuplicated, DtmFailure, DtmInvalidInput
 from .core import MSG_BARRIER_ID, REASON_ROLLBACK, BarrierDatabaseError, Decision, load_resource, origin_op
 
@@ -39,10 +46,13 @@ __all__ = [
     "DEFAULT_EXPIRE",
     "LAYOUTS",
     "MAX_EXPIRE",
+    "adjust_flow",
     "barrier_key",
     "check_adjust_amount",
+    "check_client",
     "hash_tag",
     "key_slot",
+    "prepared_flow",
     "query_prepared",
     "slot_tag",
 ]
@@ -80,16 +90,20 @@ class _Script:
         return self._sha
 
     def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        return _flow.run(self.flow(keys, args), client)
+
+    def flow(self, keys: list[str], args: list[Any]) -> Flow[Any]:
+        """EVALSHA on the client; on NOSCRIPT, SCRIPT LOAD (checking the sha) and EVALSHA again."""
         from redis.exceptions import NoScriptError
 
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return (yield StoreOp("evalsha", self.sha, len(keys), *keys, *args))
         except NoScriptError:
             logger.debug("redis script %s not loaded; loading it", self.name)
-            loaded = client.script_load(self.text)
-            if loaded != self.sha:
-                raise BarrierDatabaseError(f"redis returned sha {loaded} for {self.name}, not {self.sha}") from None
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+        loaded = yield StoreOp("script_load", self.text)
+        if loaded != self.sha:
+            raise BarrierDatabaseError(f"redis returned sha {loaded} for {self.name}, not {self.sha}")
+        return (yield StoreOp("evalsha", self.sha, len(keys), *keys, *args))
 
 
 ADJUST_SCRIPT = _Script("barrier.redis.lua")
@@ -178,6 +192,21 @@ def barrier_key(
     raise DtmInvalidInput(f"unknown redis key layout {layout!r}; use one of {', '.join(LAYOUTS)}", gid=gid)
 
 
+def check_client(client: Any, *, asyncio: bool) -> None:
+    """Refuse, before anything is sent, a ``redis.asyncio`` client given to the blocking barrier (its calls
+    would return coroutines that never run) or a blocking client given to the asyncio one (it would
+    block the event loop)."""
+    module = type(client).__module__
+    is_async = module.startswith("redis.asyncio")
+    if module.split(".")[0] != "redis" or is_async == asyncio:
+        return
+    if is_async:
+        raise DtmInvalidInput(f"{module}.{type(client).__name__} is an asyncio client: use the asyncio barrier "
+                              "(dtmcli.asyncio.BranchBarrier) or a redis.Redis")
+    raise DtmInvalidInput(f"{module}.{type(client).__name__} is a blocking client: the asyncio barrier needs a "
+                          "redis.asyncio client")
+
+
 def _check_expire(expire: Any) -> int:
     if isinstance(expire, bool) or not isinstance(expire, int) or not 0 < expire <= MAX_EXPIRE:
         raise DtmInvalidInput(f"redis barrier expire must be an int of seconds from 1 to {MAX_EXPIRE}, not {expire!r}")
@@ -203,7 +232,25 @@ def check_adjust_amount(
     expire: int = DEFAULT_EXPIRE,
     layout: str = "go",
 ) -> Decision:
-    """Adjust the integer at ``key`` by ``amount`` under the barrier, atomically.
+    """Adjust the integer at ``key`` by ``amount`` under the barrier, atomically (see :func:`adjust_flow`)."""
+    check_client(client, asyncio=False)
+    return _flow.run(adjust_flow(key, amount, trans_type=trans_type, gid=gid, branch_id=branch_id, op=op,
+                                 barrier_id=barrier_id, expire=expire, layout=layout), client)
+
+
+def adjust_flow(
+    key: str,
+    amount: int,
+    *,
+    trans_type: str,
+    gid: str,
+    branch_id: str,
+    op: str,
+    barrier_id: str,
+    expire: int = DEFAULT_EXPIRE,
+    layout: str = "go",
+) -> Flow[Decision]:
+    """Adjust the integer at ``key`` by ``amount`` under the barrier, atomically, as a flow on a Redis client.
 
     Returns the decision: RUN (applied), DUPLICATE (repeated or suspended: no effect) or
     NULL_COMPENSATION (marker written, no effect); these are decided first, whatever the balance.
@@ -227,7 +274,7 @@ def check_adjust_amount(
     if key in keys[1:]:
         raise DtmInvalidInput(f"redis business key {key!r} is the barrier's own marker key", **where)
     try:
-        answer = ADJUST_SCRIPT(client, keys, [amount, origin, expire])
+        answer = yield from ADJUST_SCRIPT.flow(keys, [amount, origin, expire])
     except DtmInvalidInput:
         raise
     except Exception as exc:
@@ -264,12 +311,19 @@ def query_prepared(
 
     With the ``cluster`` layout pass ``key``, the business key the msg's local step adjusted.
     """
+    check_client(client, asyncio=False)
+    _flow.run(prepared_flow(gid, expire=expire, layout=layout, key=key), client)
+
+
+def prepared_flow(gid: str, *, expire: int = DEFAULT_EXPIRE, layout: str = "go", key: Optional[str] = None
+                  ) -> Flow[None]:
+    """:func:`query_prepared` as a flow on a Redis client."""
     expire = _check_expire(expire)
     tag = slot_tag(_check_key(key, gid)) if (layout == "cluster" and key is not None) else None
     msg_key = barrier_key(gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, layout=layout, tag=tag)
     where = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
     try:
-        answer = QUERY_PREPARED_SCRIPT(client, [msg_key], [expire])
+        answer = yield from QUERY_PREPARED_SCRIPT.flow([msg_key], [expire])
     except Exception as exc:
         if type(exc).__module__.split(".")[0] != "redis":
             raise

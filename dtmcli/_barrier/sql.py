@@ -1,31 +1,34 @@
 """SQL barrier backend: MySQL/MariaDB and PostgreSQL through DB-API, SQLAlchemy or Django.
 
-The algorithm is :func:`~dtmcli._barrier.core.run_barrier`; this module is its SQL adapter
-(``_SqlStore``), the DDL templates' filler, and :func:`barrier_preflight`, the table check the
-barrier runs once per (database, table). Connections, dialects and error mapping live in
-:mod:`dtmcli._barrier.sql_conn` (re-exported here).
+The algorithm is :func:`~dtmcli._barrier.core.barrier_flow`; this module is its SQL store: the
+statements and the steps (begin with its checks, quiet rollback) as flows over an adapter, shared by
+the blocking ``_SqlStore`` here and the asyncio store (``dtmcli/asyncio/_barrier_sql.py``), which
+differ only in how they drive them. Also the DDL templates' filler and :func:`barrier_preflight`, the
+table check the barrier runs once per (database, table). Connections, dialects and error mapping
+live in :mod:`dtmcli._barrier.sql_conn` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import re
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from .. import _flow
 from .._consts import MSG_BRANCH_ID, OP_MSG
+from .._flow import Flow, StoreOp
 from ..errors import DtmError
 from .core import (
     DEFAULT_TABLE,
-    MSG_BARRIER_ID,
-    REASON_ROLLBACK,
-    BarrierConflict,
     BarrierDatabaseError,
     BarrierIdentity,
     Decision,
     load_resource,
+    prepared_flow,
     run_barrier,
-    settle_prepared,
     split_table,
     validate_table,
 )
@@ -36,9 +39,8 @@ from .sql_conn import (
     POSTGRES,
     _Adapter,
     _DbApiAdapter,
-    _DjangoAdapter,
     _is_db_exception,
-    _SqlAlchemyAdapter,
+    _map_db_error,
     _text,
     adapt,
     connection_charset,
@@ -48,7 +50,7 @@ from .sql_conn import (
     is_retryable,
     map_db_error,
     normalize_dialect,
-    require_utf8mb4,
+    require_utf8mb4_flow,
 )
 
 __all__ = [
@@ -99,6 +101,15 @@ def _insert_sql(dialect: str, table: str) -> str:
 
 def _select_reason_sql(table: str) -> str:
     return f"select reason from {table} where gid = %s and branch_id = %s and op = %s and barrier_id = %s"
+
+
+_PLACEHOLDER = re.compile(r"%s")
+
+
+def numbered(sql: str) -> str:
+    """``sql`` with its ``%s`` placeholders numbered ``$1``, ``$2`` ... (asyncpg), from the one template."""
+    count = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda _m: f"${next(count)}", sql)
 
 
 def _fill(template: str, schema: Optional[str], name: str) -> str:
@@ -179,7 +190,7 @@ def _mysql_column_problems(data_type: str, charset: Optional[str], collation: Op
     return [*problems, "case_insensitive"]
 
 
-def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
+def _check_mysql(adapter: Any, table: str) -> Flow[list[Finding]]:
     schema, name = split_table(table)
     # One round trip: the last column says whether a unique key covers exactly the four key columns
     # (a prefix index does not count: long ids sharing the prefix would collide).
@@ -191,7 +202,7 @@ def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
         "from information_schema.columns where table_schema = coalesce(%s, database()) and table_name = %s "
         "and column_name in ('gid', 'branch_id', 'op', 'barrier_id')"
     )
-    rows = adapter.fetch_all(sql, (schema, name, schema, name))
+    rows = yield StoreOp("fetch_all", sql, (schema, name, schema, name))
     if not rows:
         return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
@@ -230,7 +241,7 @@ def _check_mysql(adapter: _Adapter, table: str) -> list[Finding]:
     return findings
 
 
-def _check_postgres(adapter: _Adapter, table: str) -> list[Finding]:
+def _check_postgres(adapter: Any, table: str) -> Flow[list[Finding]]:
     # One round trip; the last column: a unique index usable by ON CONFLICT (no expression, no
     # predicate, not deferred) on exactly the four key columns.
     sql = (
@@ -243,7 +254,7 @@ def _check_postgres(adapter: _Adapter, table: str) -> list[Finding]:
         "where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped "
         "and a.attname in ('gid', 'branch_id', 'op', 'barrier_id')"
     )
-    rows = adapter.fetch_all(sql, (table, table))
+    rows = yield StoreOp("fetch_all", sql, (table, table))
     if not rows:
         return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
@@ -327,6 +338,11 @@ def barrier_preflight(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optiona
 
 
 def _check(adapter: _Adapter, table: str) -> list[Finding]:
+    return _flow.run(_check_flow(adapter, table), adapter)
+
+
+def _check_flow(adapter: Any, table: str) -> Flow[list[Finding]]:
+    """The table check as a flow: one ``fetch_all`` of the catalog, then the findings."""
     return _check_mysql(adapter, table) if adapter.dialect == MYSQL else _check_postgres(adapter, table)
 
 
@@ -336,27 +352,12 @@ def _end_read(adapter: _Adapter) -> None:
         adapter.conn.rollback()
 
 
-def _target(adapter: _Adapter) -> tuple[str, ...]:
-    """Which database a connection talks to, for the once-per-target table check."""
-    conn = adapter.conn
-    if isinstance(adapter, _SqlAlchemyAdapter):
-        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
-        return ("sqlalchemy", repr(bind.engine.url))
-    if isinstance(adapter, _DjangoAdapter):
-        return ("django", str(conn.alias))
-    info = getattr(conn, "info", None)
-    if info is not None and hasattr(info, "dbname"):  # psycopg2 >= 2.8, psycopg 3
-        return (adapter.driver, str(info.host), str(info.port), str(info.dbname))
-    return (adapter.driver, str(getattr(conn, "host", "")), str(getattr(conn, "port", "")),
-            _text(getattr(conn, "db", "") or ""))
-
-
-def _check_once(adapter: _Adapter, table: str) -> None:
+def _check_once_flow(adapter: Any, table: str) -> Flow[None]:
     """Run the table check the first time this (database, table) is used; log findings as WARNINGs.
 
     Runs inside the barrier's transaction (reads only), so it adds no round trip after the first call.
     """
-    key = (*_target(adapter), table)
+    key = (*adapter.target(), table)
     if key in _checked:
         return
     with _checked_lock:
@@ -364,7 +365,7 @@ def _check_once(adapter: _Adapter, table: str) -> None:
             return
         _checked.add(key)
     try:
-        findings = _check(adapter, table)
+        findings = yield from _check_flow(adapter, table)
     except Exception as exc:  # never block the barrier on the check; say so once
         logger.warning("barrier table check of %s skipped: %s", table, exc)
         if adapter.dialect == POSTGRES:
@@ -380,20 +381,15 @@ def _check_once(adapter: _Adapter, table: str) -> None:
 
 def _rollback_quietly(adapter: _Adapter, what: str) -> None:
     """Roll back after a failure; a failing rollback is logged, the original error is what matters."""
+    _flow.run(rollback_quietly_flow(what), adapter)
+
+
+def rollback_quietly_flow(what: str) -> Flow[None]:
+    """:func:`_rollback_quietly` as a flow: one ``rollback``; its failure is logged, never raised."""
     try:
-        adapter.rollback()
+        yield StoreOp("rollback")
     except Exception as rb_exc:  # the connection may be gone
         logger.warning("%s: rollback failed too: %s", what, rb_exc)
-
-
-def _begin(adapter: _Adapter, where: dict[str, Any]) -> None:
-    """Open the barrier's transaction, then refuse a connection that cannot hold every id (MySQL: utf8mb4)."""
-    adapter.begin()
-    try:
-        require_utf8mb4(adapter, where)
-    except Exception:
-        _rollback_quietly(adapter, f"barrier {where.get('gid')}/{where.get('branch_id')}/{where.get('op')}")
-        raise
 
 
 def insert_barrier(
@@ -403,43 +399,93 @@ def insert_barrier(
     return adapter.execute(_insert_sql(adapter.dialect, table), (trans_type, gid, branch_id, op, barrier_id, reason))
 
 
-class _SqlStore:
-    """The SQL adapter of :func:`~dtmcli._barrier.core.run_barrier`: one local transaction on ``conn``."""
+class SqlStoreBase:
+    """The SQL store of the barrier flows, minus the driving: one local transaction on ``conn``.
 
-    def __init__(self, conn: Any, adapter: _Adapter, table: str, barrier: BarrierIdentity) -> None:
+    Everything decided here is shared by the blocking store (:class:`_SqlStore`) and the asyncio one:
+    the statements (one template each; asyncpg numbers the placeholders) and the steps as flows over
+    the adapter. ``where`` (gid, branch_id, op) labels errors and logs.
+    """
+
+    def __init__(self, conn: Any, adapter: Any, table: str, where: Mapping[str, Any]) -> None:
         self.tx = conn
         self.adapter = adapter
         self.table = table
-        self.barrier = barrier
+        self.where = dict(where)
+
+    def _label(self, cause: Optional[BaseException] = None) -> str:
+        w = self.where
+        label = f"barrier {w.get('gid')}/{w.get('branch_id')}/{w.get('op')}"
+        return f"{label} after {type(cause).__name__}" if cause is not None else label
+
+    def begin_flow(self) -> Flow[None]:
+        """Open the transaction, then refuse a connection that cannot hold every id (MySQL: utf8mb4)
+        and run the once-per-table check; a refusal rolls back before it is raised."""
+        yield StoreOp("begin")
+        try:
+            yield from require_utf8mb4_flow(self.adapter, self.where)
+            yield from _check_once_flow(self.adapter, self.table)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from rollback_quietly_flow(self._label())
+            raise
+
+    def insert_statement(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
+                         reason: str) -> tuple[str, tuple[str, ...]]:
+        """The INSERT-IGNORE of one barrier row and its parameters."""
+        return _insert_sql(self.adapter.dialect, self.table), (trans_type, gid, branch_id, op, barrier_id, reason)
+
+    def reason_statement(self, gid: str, branch_id: str, op: str, barrier_id: str) -> tuple[str, tuple[str, ...]]:
+        """The SELECT of one barrier row's reason and its parameters."""
+        return _select_reason_sql(self.table), (gid, branch_id, op, barrier_id)
+
+    def reason_flow(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Flow[Optional[str]]:
+        """The reason stored for one barrier key, ``None`` when there is no row."""
+        row = yield StoreOp("fetch_one", *self.reason_statement(gid, branch_id, op, barrier_id))
+        return _text(row[0]) if row else None
+
+    def rollback_flow(self, cause: BaseException) -> Flow[None]:
+        """Roll back after ``cause``; a failing rollback is logged, never raised."""
+        return rollback_quietly_flow(self._label(cause))
+
+    def map_error(self, exc: BaseException, what: str) -> DtmError:
+        return _map_db_error(exc, what, self.where)
+
+    def busi_error(self, exc: Exception) -> Optional[DtmError]:
+        # A lost connection or a lock conflict in the business SQL is retryable like the barrier's own.
+        if _is_db_exception(exc) and (is_retryable(exc) or is_connection_error(exc)):
+            return _map_db_error(exc, "business call", self.where)
+        return None
+
+
+class _SqlStore(SqlStoreBase):
+    """The blocking SQL store of :func:`~dtmcli._barrier.core.run_barrier`."""
 
     def begin(self) -> None:
-        b = self.barrier
-        _begin(self.adapter, {"gid": b.gid, "branch_id": b.branch_id, "op": b.op})
-        try:
-            _check_once(self.adapter, self.table)
-        except Exception as exc:
-            self.rollback(exc)
-            raise
+        _flow.run(self.begin_flow(), self.adapter)
 
     def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
                          reason: str) -> int:
-        return insert_barrier(self.adapter, self.table, trans_type, gid, branch_id, op, barrier_id, reason)
+        return int(self.adapter.execute(*self.insert_statement(trans_type, gid, branch_id, op, barrier_id, reason)))
+
+    def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
+        return _flow.run(self.reason_flow(gid, branch_id, op, barrier_id), self.adapter)
 
     def commit(self) -> None:
         self.adapter.commit()
 
     def rollback(self, cause: BaseException) -> None:
-        b = self.barrier
-        _rollback_quietly(self.adapter, f"barrier {b.gid}/{b.branch_id}/{b.op} after {type(cause).__name__}")
+        _flow.run(self.rollback_flow(cause), self.adapter)
 
-    def map_error(self, exc: BaseException, what: str) -> DtmError:
-        return map_db_error(exc, what, self.barrier)
 
-    def busi_error(self, exc: Exception) -> Optional[DtmError]:
-        # A lost connection or a lock conflict in the business SQL is retryable like the barrier's own.
-        if _is_db_exception(exc) and (is_retryable(exc) or is_connection_error(exc)):
-            return map_db_error(exc, "business call", self.barrier)
-        return None
+def _where(barrier: BarrierIdentity) -> dict[str, Any]:
+    return {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
+
+
+def msg_where(gid: str) -> dict[str, Any]:
+    """The error labels of the msg ``query_prepared`` check of ``gid``."""
+    return {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
 
 
 def barrier_call(
@@ -459,7 +505,7 @@ def barrier_call(
     ``busi`` raised otherwise (after rolling the barrier rows back with it).
     """
     validate_table(table)
-    return run_barrier(_SqlStore(conn, adapt(conn, dialect), table, barrier), barrier, busi, on_decision)
+    return run_barrier(_SqlStore(conn, adapt(conn, dialect), table, _where(barrier)), barrier, busi, on_decision)
 
 
 def query_prepared(
@@ -472,21 +518,8 @@ def query_prepared(
     """
     validate_table(table)
     with connection_from(conn) as c:
-        adapter = adapt(c, dialect)
-        where = {"gid": gid, "branch_id": MSG_BRANCH_ID, "op": OP_MSG}
-        try:
-            _begin(adapter, where)
-            insert_barrier(adapter, table, trans_type, gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, REASON_ROLLBACK)
-            row = adapter.fetch_one(_select_reason_sql(table), (gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID))
-            adapter.commit()
-        except DtmError:
-            raise
-        except Exception as exc:
-            _rollback_quietly(adapter, f"query_prepared {gid}")
-            if is_retryable(exc):
-                raise BarrierConflict(f"query_prepared: lock conflict, retry later: {exc}", **where) from exc
-            raise BarrierDatabaseError(f"query_prepared failed: {type(exc).__name__}: {exc}", **where) from exc
-    settle_prepared(_text(row[0]) if row else None, gid)
+        store = _SqlStore(c, adapt(c, dialect), table, msg_where(gid))
+        _flow.run(prepared_flow(store, trans_type, gid), store)
 
 
 def create_schema(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[str] = None) -> None:

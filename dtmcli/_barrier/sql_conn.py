@@ -3,7 +3,9 @@
 Drivers are never imported here at module level: the connection object tells which adapter and
 dialect to use (``type(conn).__module__``), and SQLAlchemy/Django are imported only when such an
 object is passed in. :func:`connection_from` is the one resolver of database sources, shared by the
-barrier, msg, query_prepared and XA.
+barrier, msg, query_prepared and XA. The decisions the asyncio adapters
+(``dtmcli/asyncio/_barrier_sql.py``) share with these live here too: error mapping (asyncpg and
+aiomysql included), :func:`begin_plan`, :func:`is_aborted` and :func:`charset_flow`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import re
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
+from .. import _flow
+from .._flow import Flow, StoreOp
 from ..errors import DtmError, DtmInvalidInput
 from .core import BarrierConflict, BarrierDatabaseError, BarrierIdentity
 
@@ -22,14 +26,20 @@ __all__ = [
     "MYSQL",
     "POSTGRES",
     "adapt",
+    "aborted_error",
+    "begin_plan",
+    "charset_flow",
     "connection_charset",
     "connection_from",
     "detect_dialect",
     "is_connection_error",
     "is_retryable",
     "map_db_error",
+    "is_aborted",
     "normalize_dialect",
+    "open_transaction_error",
     "require_utf8mb4",
+    "require_utf8mb4_flow",
 ]
 
 MYSQL = "mysql"
@@ -41,6 +51,9 @@ _DIALECT_ALIASES = {"mysql": MYSQL, "mariadb": MYSQL, "postgres": POSTGRES, "pos
 _MYSQL_DRIVERS = ("pymysql", "MySQLdb", "mysql")
 _PG_DRIVERS = ("psycopg2", "psycopg")
 _DRIVERS = _MYSQL_DRIVERS + _PG_DRIVERS
+# Drivers whose exceptions the error mapping reads: the blocking ones and the asyncio ones (aiomysql
+# raises PyMySQL's exceptions; asyncpg's carry a SQLSTATE like psycopg's).
+_ERROR_DRIVERS = (*_DRIVERS, "asyncpg", "aiomysql")
 
 # Lock wait timeout / deadlock (MySQL); deadlock, lock not available, serialization failure (PostgreSQL).
 _MYSQL_RETRYABLE = frozenset({1205, 1213})
@@ -65,7 +78,7 @@ def _driver_error(exc: BaseException) -> Optional[BaseException]:
     seen = 0
     current: Optional[BaseException] = exc
     while current is not None and seen < 4:
-        if type(current).__module__.split(".")[0] in _DRIVERS:
+        if type(current).__module__.split(".")[0] in _ERROR_DRIVERS:
             return current
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
@@ -106,6 +119,10 @@ def map_db_error(exc: BaseException, what: str, barrier: Optional[BarrierIdentit
     where: dict[str, Any] = {}
     if barrier is not None:
         where = {"gid": barrier.gid, "branch_id": barrier.branch_id, "op": barrier.op}
+    return _map_db_error(exc, what, where)
+
+
+def _map_db_error(exc: BaseException, what: str, where: Mapping[str, Any]) -> DtmError:
     if is_retryable(exc):
         return BarrierConflict(f"barrier {what}: lock conflict, retry later: {exc}", **where)
     return BarrierDatabaseError(f"barrier {what} failed: {type(exc).__name__}: {exc}", **where)
@@ -113,6 +130,69 @@ def map_db_error(exc: BaseException, what: str, barrier: Optional[BarrierIdentit
 
 def _is_db_exception(exc: BaseException) -> bool:
     return _driver_error(exc) is not None or type(exc).__module__.split(".")[0] in ("sqlalchemy", "django")
+
+
+# --- decisions the blocking and asyncio adapters share ---------------------------------------------
+
+IMPLICIT, AUTOCOMMIT_OFF, BEGIN = "implicit", "autocommit_off", "begin"
+
+
+def open_transaction_error() -> DtmInvalidInput:
+    """The error for a plain driver connection that already has a transaction open."""
+    return DtmInvalidInput(
+        "the connection has an open transaction; commit or roll it back before a barrier call, "
+        "or pass a SQLAlchemy/Django transaction for the barrier to join"
+    )
+
+
+def begin_plan(postgres: bool, in_transaction: bool, autocommit: Optional[bool]) -> str:
+    """How the barrier opens its transaction on a plain driver connection (not SQLAlchemy/Django).
+
+    ``autocommit`` is the connection's setting, ``None`` when the driver cannot tell it. Returns
+    ``implicit`` (the first statement opens the transaction: no BEGIN round trip), ``autocommit_off``
+    (PostgreSQL with autocommit on: turn it off for the call, restore it after) or ``begin`` (an
+    explicit BEGIN: with autocommit on, the barrier rows would otherwise commit on their own and a
+    failed business call would leave them behind, every retry a "duplicate"). A connection with a
+    transaction already open is refused (DtmInvalidInput): the barrier would commit the caller's work.
+    """
+    if in_transaction:
+        raise open_transaction_error()
+    if postgres:
+        return AUTOCOMMIT_OFF if autocommit else IMPLICIT
+    return IMPLICIT if autocommit is False else BEGIN
+
+
+def is_aborted(raw: Any, conn: Any = None) -> bool:
+    """Whether the PostgreSQL transaction on driver connection ``raw`` is aborted (psycopg2, psycopg 3
+    blocking or async), or ``conn`` is marked for rollback (Django). No round trip."""
+    driver = type(raw).__module__.split(".")[0]
+    if driver == "psycopg2":
+        aborted = raw.get_transaction_status() == 3  # psycopg2.extensions.TRANSACTION_STATUS_INERROR
+    elif driver == "psycopg":
+        aborted = int(raw.info.transaction_status) == 3  # psycopg.pq.TransactionStatus.INERROR
+    else:
+        aborted = False
+    return aborted or getattr(conn, "needs_rollback", False) is True
+
+
+def aborted_error() -> BarrierDatabaseError:
+    """The error for a transaction the business code left aborted (refused before COMMIT)."""
+    return BarrierDatabaseError(
+        "the transaction was aborted by a database error the business code caught; nothing is "
+        "committed (let the error propagate, or roll back to a savepoint before going on)"
+    )
+
+
+# Modules of asyncio connections and sources: the blocking barrier refuses them.
+_ASYNC_MODULES = ("asyncpg", "aiomysql", "asyncmy", "aiopg", "sqlalchemy.ext.asyncio")
+
+
+def is_async_connection(conn: Any) -> bool:
+    """Whether ``conn`` is an asyncio driver's connection, pool, engine or session (awaited calls)."""
+    module = type(conn).__module__
+    if module.startswith(_ASYNC_MODULES):
+        return True
+    return module.split(".")[0] == "psycopg" and type(conn).__name__.startswith("Async")
 
 
 # --- adapters ---------------------------------------------------------------------------------
@@ -156,19 +236,12 @@ class _Adapter:
         psycopg then turns COMMIT into a silent ROLLBACK: the barrier would answer SUCCESS for work
         (and barrier rows) that never committed, and DTM would never call again.
         """
-        raw = self.dbapi_connection()
-        driver = type(raw).__module__.split(".")[0]
-        if driver == "psycopg2":
-            aborted = raw.get_transaction_status() == 3  # psycopg2.extensions.TRANSACTION_STATUS_INERROR
-        elif driver == "psycopg":
-            aborted = int(raw.info.transaction_status) == 3  # psycopg.pq.TransactionStatus.INERROR
-        else:
-            aborted = False
-        if aborted or getattr(self.conn, "needs_rollback", False) is True:  # Django marks it too
-            raise BarrierDatabaseError(
-                "the transaction was aborted by a database error the business code caught; nothing is "
-                "committed (let the error propagate, or roll back to a savepoint before going on)"
-            )
+        if is_aborted(self.dbapi_connection(), self.conn):  # Django marks it too
+            raise aborted_error()
+
+    def target(self) -> tuple[str, ...]:
+        """Which database this connection talks to, for the once-per-target table check."""
+        return raw_target(self.driver, self.conn)
 
 
 class _DbApiAdapter(_Adapter):
@@ -194,20 +267,15 @@ class _DbApiAdapter(_Adapter):
         return False
 
     def begin(self) -> None:
-        if self._in_transaction():
-            raise DtmInvalidInput(
-                "the connection has an open transaction; commit or roll it back before a barrier call, "
-                "or pass a SQLAlchemy/Django transaction for the barrier to join"
-            )
-        if self.driver in _PG_DRIVERS:
-            if self.conn.autocommit:
-                self._restore_autocommit = True
-                self.conn.autocommit = False
-            return  # psycopg opens the transaction with the first statement
-        if self.driver == "pymysql" and not self.conn.get_autocommit():
-            return  # with autocommit off the first INSERT opens the transaction: no BEGIN round trip
-        # Open the transaction explicitly: with autocommit on, the barrier rows would otherwise commit
-        # on their own and a failed business call would leave them behind (every retry a "duplicate").
+        postgres = self.driver in _PG_DRIVERS
+        autocommit = bool(self.conn.autocommit) if postgres else (
+            bool(self.conn.get_autocommit()) if self.driver == "pymysql" else None)
+        plan = begin_plan(postgres, self._in_transaction(), autocommit)
+        if plan == AUTOCOMMIT_OFF:
+            self._restore_autocommit = True
+            self.conn.autocommit = False
+        if plan != BEGIN:
+            return  # psycopg, and PyMySQL with autocommit off: the first statement opens the transaction
         if hasattr(self.conn, "begin"):  # PyMySQL, MySQLdb
             self.conn.begin()
         elif hasattr(self.conn, "start_transaction"):  # mysql-connector
@@ -290,6 +358,10 @@ class _SqlAlchemyAdapter(_Adapter):
         sa_conn = self.conn.connection() if hasattr(self.conn, "get_bind") else self.conn  # Session -> Connection
         return sa_conn.connection.dbapi_connection
 
+    def target(self) -> tuple[str, ...]:
+        bind = self.conn.get_bind() if hasattr(self.conn, "get_bind") else self.conn
+        return ("sqlalchemy", repr(bind.engine.url))
+
     def execute(self, sql: str, params: tuple[str, ...]) -> int:
         from sqlalchemy import text
 
@@ -334,6 +406,9 @@ class _DjangoAdapter(_Adapter):
     def dbapi_connection(self) -> Any:
         return self.conn.connection
 
+    def target(self) -> tuple[str, ...]:
+        return ("django", str(self.conn.alias))
+
     def execute(self, sql: str, params: tuple[str, ...]) -> int:
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
@@ -354,6 +429,11 @@ def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
     """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers)."""
     module = type(conn).__module__
     top = module.split(".")[0]
+    if is_async_connection(conn):
+        raise DtmInvalidInput(
+            f"{module}.{type(conn).__name__} is an asyncio connection: the blocking barrier cannot await it; "
+            "use dtmcli.asyncio.BranchBarrier (await bb.call(conn, busi))"
+        )
     if top == "sqlalchemy":
         return _SqlAlchemyAdapter(conn, dialect)
     if top == "django":
@@ -378,9 +458,15 @@ _charsets: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 def connection_charset(adapter: _Adapter) -> str:
     """The character set of a MySQL connection (``utf8mb4``, ``utf8``, ``latin1`` ...), lower case.
 
-    PyMySQL and mysqlclient (``character_set_name()``) and mysql-connector (``charset``) tell it
-    without a round trip; for other drivers ``@@character_set_connection`` is read once per connection.
+    PyMySQL, mysqlclient and aiomysql (``character_set_name()``) and mysql-connector (``charset``)
+    tell it without a round trip; for other drivers ``@@character_set_connection`` is read once per
+    connection.
     """
+    return _flow.run(charset_flow(adapter), adapter)
+
+
+def charset_flow(adapter: Any) -> Flow[str]:
+    """:func:`connection_charset` as a flow over ``adapter`` (blocking or asyncio): may yield one ``fetch_one``."""
     raw = adapter.dbapi_connection()
     name = getattr(raw, "character_set_name", None)
     if callable(name):
@@ -392,7 +478,7 @@ def connection_charset(adapter: _Adapter) -> str:
         return _charsets[raw]
     except (KeyError, TypeError):  # TypeError: the connection cannot be weakly referenced
         pass
-    row = adapter.fetch_one("select @@character_set_connection", ())
+    row = yield StoreOp("fetch_one", "select @@character_set_connection", ())
     value = _text(row[0]).lower() if row else ""
     with contextlib.suppress(TypeError):
         _charsets[raw] = value
@@ -400,6 +486,11 @@ def connection_charset(adapter: _Adapter) -> str:
 
 
 def require_utf8mb4(adapter: _Adapter, where: Optional[dict[str, Any]] = None) -> None:
+    """Refuse a MySQL connection whose character set is not utf8mb4 (see :func:`require_utf8mb4_flow`)."""
+    _flow.run(require_utf8mb4_flow(adapter, where), adapter)
+
+
+def require_utf8mb4_flow(adapter: Any, where: Optional[Mapping[str, Any]] = None) -> Flow[None]:
     """Refuse a MySQL connection whose character set is not utf8mb4 (BarrierDatabaseError).
 
     Over such a connection (``utf8`` = utf8mb3 cannot hold characters beyond U+FFFF) the server turns
@@ -409,7 +500,7 @@ def require_utf8mb4(adapter: _Adapter, where: Optional[dict[str, Any]] = None) -
     """
     if adapter.dialect != MYSQL:
         return
-    charset = connection_charset(adapter)
+    charset = yield from charset_flow(adapter)
     if charset == "utf8mb4":
         return
     raise BarrierDatabaseError(
@@ -455,6 +546,15 @@ def connection_from(db: Any) -> Iterator[Any]:
             yield sa_conn
         return
     yield db
+
+
+def raw_target(driver: str, conn: Any) -> tuple[str, ...]:
+    """Which database a plain driver connection talks to (host, port, database), from its attributes."""
+    info = getattr(conn, "info", None)
+    if info is not None and hasattr(info, "dbname"):  # psycopg2 >= 2.8, psycopg 3
+        return (driver, str(info.host), str(info.port), str(info.dbname))
+    return (driver, str(getattr(conn, "host", "")), str(getattr(conn, "port", "")),
+            _text(getattr(conn, "db", "") or ""))
 
 
 def _text(value: Any) -> str:

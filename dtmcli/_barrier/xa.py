@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
 
+from .. import _flow
 from .._consts import OP_ACTION, OP_COMMIT, OP_ROLLBACK, XA
+from .._flow import Call, Flow, StoreOp
 from .._validate import check_branch_id, check_gid
 from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
-from .sql import insert_barrier
+from .sql import _insert_sql
 from .sql_conn import (
     MYSQL,
     POSTGRES,
@@ -25,6 +27,7 @@ from .sql_conn import (
     _error_code,
     adapt,
     connection_from,
+    is_async_connection,
     is_connection_error,
     map_db_error,
 )
@@ -33,11 +36,24 @@ if TYPE_CHECKING:
     from ..branch import BranchInfo
     from ..client import DtmLike
 
-__all__ = ["XA_BARRIER_ID", "xa_handle_phase2", "xa_local_transaction", "xa_preflight", "xid_of"]
+__all__ = [
+    "XA_BARRIER_ID",
+    "action_info",
+    "is_unknown_xid",
+    "local_transaction_flow",
+    "phase2_flow",
+    "phase2_info",
+    "preflight_flow",
+    "xa_handle_phase2",
+    "xa_local_transaction",
+    "xa_preflight",
+    "xid_of",
+]
 
 logger = logging.getLogger("dtmcli")
 
 R = TypeVar("R")
+V = TypeVar("V")
 
 XA_BARRIER_ID = "01"
 _MAX_XID = {MYSQL: 64, POSTGRES: 199}  # MySQL gtrid: 64 bytes; PostgreSQL GID: < 200 bytes
@@ -67,58 +83,6 @@ def _info(query: Any) -> BranchInfo:
     return query if isinstance(query, BranchInfo) else BranchInfo.from_request(query)
 
 
-def _dbapi(conn: Any, dialect: Optional[str]) -> _DbApiAdapter:
-    adapter = adapt(conn, dialect)
-    if not isinstance(adapter, _DbApiAdapter):
-        raise DtmInvalidInput(
-            "XA needs a dedicated DB-API connection (PyMySQL, psycopg2 or psycopg), not a "
-            f"{type(conn).__module__}.{type(conn).__name__}"
-        )
-    if adapter._in_transaction():
-        raise DtmInvalidInput("the XA connection has an open local transaction; commit or roll it back first")
-    return adapter
-
-
-class _Autocommit:
-    """Put a DB-API connection in the autocommit mode XA statements need, and restore it after."""
-
-    def __init__(self, adapter: _DbApiAdapter, on: bool) -> None:
-        self.adapter = adapter
-        self.on = on
-        self.saved: Optional[bool] = None
-
-    def __enter__(self) -> None:
-        conn = self.adapter.conn
-        if self.adapter.driver == "pymysql":
-            self.saved = bool(conn.get_autocommit())
-            if self.saved != self.on:
-                conn.autocommit(self.on)
-        elif self.adapter.driver in ("psycopg2", "psycopg"):
-            self.saved = bool(conn.autocommit)
-            if self.saved != self.on:
-                conn.autocommit = self.on
-
-    def __exit__(self, *exc: object) -> None:
-        conn = self.adapter.conn
-        if self.saved is None or self.saved == self.on or getattr(conn, "closed", False):
-            return
-        try:
-            if self.adapter.driver == "pymysql":
-                conn.autocommit(self.saved)
-            else:
-                conn.autocommit = self.saved
-        except Exception as err:  # the connection broke; the caller sees the original error
-            logger.warning("xa: could not restore autocommit=%s: %s", self.saved, err)
-
-
-def _exec(adapter: _DbApiAdapter, sql: str) -> None:
-    cur = adapter.conn.cursor()
-    try:
-        cur.execute(sql)
-    finally:
-        cur.close()
-
-
 def _statements(dialect: str, xid: str) -> dict[str, Optional[str]]:
     q = f"'{xid}'"  # safe: xid_of() allowed only [A-Za-z0-9_-]
     if dialect == MYSQL:
@@ -130,6 +94,296 @@ def _statements(dialect: str, xid: str) -> dict[str, Optional[str]]:
         "start": "begin", "end": None, "prepare": f"prepare transaction {q}",
         "abort": "rollback", OP_COMMIT: f"commit prepared {q}", OP_ROLLBACK: f"rollback prepared {q}",
     }
+
+
+# --- checks made before anything runs (both flavours) ------------------------------------------------
+
+
+def action_info(query: Any, dtm: Any, table: str) -> tuple[BranchInfo, Any]:
+    """The BranchInfo of an xa ``action`` call and the DTM to register with (``dtm`` or the query's).
+
+    Raises DtmInvalidInput for another kind of call or a bad table name, BranchRequestError when
+    the query lacks (or has an untrusted) ``dtm``, or lacks ``phase2_url``.
+    """
+    info = _info(query)
+    if info.trans_type != XA or info.op != OP_ACTION:
+        raise DtmInvalidInput(
+            f"xa_local_transaction handles an xa action, not a {info.trans_type} {info.op}", gid=info.gid
+        )
+    dtm_source = dtm or info.require_dtm()
+    info.require_phase2_url()
+    validate_table(table)
+    return info, dtm_source
+
+
+def phase2_info(query: Any, table: str) -> BranchInfo:
+    """The BranchInfo of DTM's phase-2 call (``op=commit`` or ``op=rollback``); checked, nothing runs."""
+    info = _info(query)
+    if info.op not in (OP_COMMIT, OP_ROLLBACK):
+        raise DtmInvalidInput(f"xa phase 2 is commit or rollback, not {info.op!r}", gid=info.gid)
+    validate_table(table)
+    return info
+
+
+# --- the flows: every XA decision, over a connection's effects ---------------------------------------
+#
+# The store ``io`` a driver gives these flows has: ``set_autocommit(on)`` (returns the setting to
+# restore, or None when nothing changed or the driver has no such setting), ``exec(sql)`` (one
+# statement without parameters), ``execute(sql, params)`` (the row count), ``fetch_one`` and
+# ``fetch_all(sql, params)``, ``commit()``, ``rollback()``; and ``transport`` for registerBranch.
+
+
+def _restore_flow(saved: Optional[bool], xid: str) -> Flow[None]:
+    if saved is None:
+        return
+    try:
+        yield StoreOp("set_autocommit", saved)
+    except Exception as err:  # the connection broke; the caller sees the original error
+        logger.warning("xa %s: could not restore autocommit=%s: %s", xid, saved, err)
+
+
+def _with_autocommit(on: bool, xid: str, body: Flow[V]) -> Flow[V]:
+    """Run ``body`` with the connection's autocommit set to ``on`` (XA statements need their own
+    mode), and restore the caller's setting after it, whatever happened."""
+    saved = yield StoreOp("set_autocommit", on)
+    try:
+        result = yield from body
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from _restore_flow(saved, xid)
+        raise
+    yield from _restore_flow(saved, xid)
+    return result
+
+
+def _abort_local_flow(sql: Mapping[str, Optional[str]], ended: bool, xid: str) -> Flow[None]:
+    steps = [s for s in ((None if ended else sql["end"]), sql["abort"]) if s]
+    for stmt in steps:
+        try:
+            yield StoreOp("exec", stmt)
+        except Exception as err:  # the connection may be gone: the server then rolls the XA back itself
+            logger.warning("xa %s: %r during abort failed: %s", xid, stmt, err)
+
+
+def local_transaction_flow(
+    info: BranchInfo, dialect: str, table: str, busi: Callable[[Any], Any], tx: Any, register: Flow[Any]
+) -> Flow[Any]:
+    """The local XA transaction of an xa action (protocol.md §9), as a flow.
+
+    Start, the barrier row (xa, gid, branch_id, action, 01), ``Call(busi, tx)``, ``register`` (the
+    registerBranch call), end, prepare — or, on any error, end and roll back, then re-raise (a lost
+    connection as BarrierDatabaseError). A barrier row already present means phase 2 rolled this
+    branch back first: DtmFailure, and ``busi`` does not run. Raises DtmInvalidInput now (nothing
+    runs) for an xid the dialect cannot hold.
+    """
+    xid = xid_of(info.gid, info.branch_id, dialect)
+    return _with_autocommit(dialect == POSTGRES, xid, _action_steps(info, dialect, table, xid, busi, tx, register))
+
+
+def _action_steps(
+    info: BranchInfo, dialect: str, table: str, xid: str, busi: Callable[[Any], Any], tx: Any, register: Flow[Any]
+) -> Flow[Any]:
+    sql = _statements(dialect, xid)
+    where = {"gid": info.gid, "branch_id": info.branch_id, "op": info.op}
+    started = ended = False
+    try:
+        yield StoreOp("exec", sql["start"])
+        started = True
+        row = (XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ACTION)
+        affected = yield StoreOp("execute", _insert_sql(dialect, table), row)
+        if affected == 0:
+            raise DtmFailure("xa branch was already rolled back (or done): its barrier row exists", **where)
+        result = yield Call(busi, tx)
+        yield from register
+        if sql["end"]:
+            yield StoreOp("exec", sql["end"])
+        ended = True
+        yield StoreOp("exec", sql["prepare"])
+        logger.debug("xa %s prepared", xid)
+        return result
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        if started:
+            yield from _abort_local_flow(sql, ended, xid)
+        if isinstance(exc, Exception) and not isinstance(exc, DtmError) and is_connection_error(exc):
+            raise map_db_error(exc, "xa local transaction") from exc
+        raise
+
+
+def phase2_flow(info: BranchInfo, dialect: str, table: str) -> Flow[None]:
+    """DTM's phase-2 call of an XA branch as a flow: commit or roll back ``<gid>-<branch_id>``.
+
+    An unknown xid (already done) is not an error, unless a commit finds it still prepared, held by
+    another session (BarrierConflict: DTM retries). After a rollback the barrier row (xa, gid,
+    branch_id, action, 01, reason rollback) is inserted and committed, so a late action cannot run.
+    """
+    xid = xid_of(info.gid, info.branch_id, dialect)
+    return _with_autocommit(True, xid, _phase2_steps(info, dialect, table, xid))
+
+
+def _phase2_steps(info: BranchInfo, dialect: str, table: str, xid: str) -> Flow[None]:
+    stmt = str(_statements(dialect, xid)[info.op])
+    try:
+        yield StoreOp("exec", stmt)
+    except Exception as exc:
+        if not is_unknown_xid(exc):
+            raise map_db_error(exc, f"xa {info.op}") from exc
+        if info.op == OP_COMMIT and (yield from _still_prepared_flow(dialect, xid)):
+            # MariaDB keeps a prepared XA attached to the session that prepared it until that
+            # session disconnects; answering success here would lose the committed work.
+            raise BarrierConflict(
+                f"xa {xid} is prepared but held by another session (was the action's connection "
+                "returned to a pool instead of closed?); DTM will retry the commit",
+                gid=info.gid, branch_id=info.branch_id, op=info.op,
+            ) from exc
+        logger.debug("xa %s: %s found nothing to do (%s)", xid, info.op, exc)
+    if info.op == OP_ROLLBACK:
+        row = (XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ROLLBACK)
+        try:
+            # Autocommitted where the driver allows it; the commit covers the drivers that cannot switch.
+            yield StoreOp("execute", _insert_sql(dialect, table), row)
+            yield StoreOp("commit")
+        except Exception as exc:
+            try:
+                yield StoreOp("rollback")
+            except Exception as rb_exc:
+                logger.warning("xa %s: rollback of the barrier insert failed: %s", xid, rb_exc)
+            raise map_db_error(exc, "xa rollback marker") from exc
+
+
+def is_unknown_xid(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server saying the XA transaction does not exist (by error code, not text)."""
+    err = _driver_error(exc)
+    return err is not None and _error_code(err) in _UNKNOWN_XID_CODES
+
+
+def _still_prepared_flow(dialect: str, xid: str) -> Flow[bool]:
+    """Whether ``xid`` is still listed as a prepared transaction on the server."""
+    if dialect == POSTGRES:
+        row = yield StoreOp("fetch_one", "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (xid,))
+        return row is not None
+    rows = yield StoreOp("fetch_all", "XA RECOVER", ())
+    wanted = xid.encode()
+    return any((row[3].encode() if isinstance(row[3], str) else bytes(row[3])) == wanted for row in rows)
+
+
+def preflight_flow(dialect: str) -> Flow[None]:
+    """The XA preflight as a flow: PostgreSQL's ``max_prepared_transactions``, then a throw-away
+    transaction started, prepared and rolled back; BarrierDatabaseError explains what is missing."""
+    probe = f"dtmcli-preflight-{uuid.uuid4().hex[:16]}"
+    return _with_autocommit(dialect == POSTGRES, probe, _preflight_steps(dialect, probe))
+
+
+def _preflight_steps(dialect: str, probe: str) -> Flow[None]:
+    sql = _statements(dialect, probe)
+    if dialect == POSTGRES:
+        row = yield StoreOp("fetch_one", "show max_prepared_transactions", ())
+        if row is None or int(row[0]) <= 0:
+            raise BarrierDatabaseError(
+                "PostgreSQL has max_prepared_transactions = 0, so PREPARE TRANSACTION is disabled: set "
+                "max_prepared_transactions (e.g. 20, at least max_connections you expect to hold XA branches) "
+                "with ALTER SYSTEM or postgresql.conf and restart the server"
+            )
+    for stmt in (sql["start"], sql["end"], sql["prepare"], sql[OP_ROLLBACK]):
+        if not stmt:
+            continue
+        try:
+            yield StoreOp("exec", stmt)
+        except Exception as exc:
+            text = str(exc)
+            hint = ""
+            if dialect == MYSQL and any(c in text for c in ("1227", "1044", "1142", "denied")):
+                hint = " (the MySQL user lacks a privilege XA needs; grant XA_RECOVER_ADMIN on MySQL 8)"
+            elif "max_prepared_transactions" in text:
+                hint = " (set max_prepared_transactions > 0 and restart PostgreSQL)"
+            yield from _abort_local_flow(sql, False, probe)
+            raise BarrierDatabaseError(f"XA is not usable on this server: {stmt!r} failed: {text}{hint}") from exc
+
+
+# --- the blocking driver ---------------------------------------------------------------------------
+
+
+def _dbapi(conn: Any, dialect: Optional[str]) -> _DbApiAdapter:
+    if is_async_connection(conn):
+        raise DtmInvalidInput(
+            f"{type(conn).__module__}.{type(conn).__name__} is an asyncio connection: use "
+            "dtmcli.asyncio.xa_local_transaction / xa_handle_phase2 / xa_preflight (awaited)"
+        )
+    adapter = adapt(conn, dialect)
+    if not isinstance(adapter, _DbApiAdapter):
+        raise DtmInvalidInput(
+            "XA needs a dedicated DB-API connection (PyMySQL, psycopg2 or psycopg), not a "
+            f"{type(conn).__module__}.{type(conn).__name__}"
+        )
+    if adapter._in_transaction():
+        raise DtmInvalidInput("the XA connection has an open local transaction; commit or roll it back first")
+    return adapter
+
+
+class _XaIO:
+    """The blocking I/O of the XA flows: one DB-API connection, and a DtmClient's transport."""
+
+    def __init__(self, adapter: _DbApiAdapter, transport: Any = None) -> None:
+        self.adapter = adapter
+        self.conn = adapter.conn
+        self.transport = transport
+
+    def set_autocommit(self, on: bool) -> Optional[bool]:
+        conn, driver = self.conn, self.adapter.driver
+        if getattr(conn, "closed", False):
+            return None
+        if driver == "pymysql":
+            current = bool(conn.get_autocommit())
+        elif driver in ("psycopg2", "psycopg"):
+            current = bool(conn.autocommit)
+        else:
+            return None
+        if current == on:
+            return None
+        if driver == "pymysql":
+            conn.autocommit(on)
+        else:
+            conn.autocommit = on
+        return current
+
+    def exec(self, sql: str) -> None:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql)
+        finally:
+            cur.close()
+
+    def execute(self, sql: str, params: tuple[Any, ...]) -> int:
+        return self.adapter.execute(sql, params)
+
+    def fetch_one(self, sql: str, params: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+        return self.adapter.fetch_one(sql, params)
+
+    def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self.adapter.fetch_all(sql, params)
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+
+def _blocking(busi: Callable[[Any], R]) -> Callable[[Any], R]:
+    from .._twophase import discard_awaitable
+
+    def call(tx: Any) -> R:
+        result = busi(tx)
+        if discard_awaitable(result):  # it would be prepared without having run
+            raise DtmInvalidInput(
+                "the business function returned an awaitable: the blocking xa_local_transaction cannot await "
+                "it; use dtmcli.asyncio.xa_local_transaction for async def business functions"
+            )
+        return result
+
+    return call
 
 
 def xa_local_transaction(
@@ -154,6 +408,7 @@ def xa_local_transaction(
     Steps: start, barrier row (xa, gid, branch_id, action, 01), ``busi``, registerBranch with DTM,
     end, prepare — or roll back on any error, which is re-raised. A barrier row already present
     means phase 2 rolled this branch back first: DtmFailure, and ``busi`` does not run.
+    ``busi`` must be a plain function (an awaitable it returns is refused, and rolled back).
     """
     with connection_from(conn) as dedicated:
         return _local_transaction(query, dedicated, busi, dtm=dtm, table=table, dialect=dialect)
@@ -163,52 +418,15 @@ def _local_transaction(
     query: Any, conn: Any, busi: Callable[[Any], R], *, dtm: Optional[DtmLike], table: str, dialect: Optional[str]
 ) -> R:
     from ..client import as_client
+    from ..xa import register_xa_branch_flow, xa_registration
 
-    info = _info(query)
-    if info.trans_type != XA or info.op != OP_ACTION:
-        raise DtmInvalidInput(
-            f"xa_local_transaction handles an xa action, not a {info.trans_type} {info.op}", gid=info.gid
-        )
-    dtm_url = dtm or info.require_dtm()
-    phase2_url = info.require_phase2_url()
-    validate_table(table)
+    info, dtm_source = action_info(query, dtm, table)
     adapter = _dbapi(conn, dialect)
-    xid = xid_of(info.gid, info.branch_id, adapter.dialect)
-    sql = _statements(adapter.dialect, xid)
-    where = {"gid": info.gid, "branch_id": info.branch_id, "op": info.op}
-    started = ended = False
-    with _Autocommit(adapter, on=adapter.dialect == POSTGRES):
-        try:
-            _exec(adapter, str(sql["start"]))
-            started = True
-            affected = insert_barrier(adapter, table, XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ACTION)
-            if affected == 0:
-                raise DtmFailure("xa branch was already rolled back (or done): its barrier row exists", **where)
-            result = busi(conn)
-            as_client(dtm_url).post(
-                "registerBranch", {"gid": info.gid, "trans_type": XA, "branch_id": info.branch_id, "url": phase2_url}
-            )
-            if sql["end"]:
-                _exec(adapter, sql["end"])
-            ended = True
-            _exec(adapter, str(sql["prepare"]))
-            logger.debug("xa %s prepared", xid)
-            return result
-        except BaseException as exc:
-            if started:
-                _abort_local(adapter, sql, ended, xid)
-            if isinstance(exc, Exception) and not isinstance(exc, DtmError) and is_connection_error(exc):
-                raise map_db_error(exc, "xa local transaction") from exc
-            raise
-
-
-def _abort_local(adapter: _DbApiAdapter, sql: dict[str, Optional[str]], ended: bool, xid: str) -> None:
-    steps = [s for s in ((None if ended else sql["end"]), sql["abort"]) if s]
-    for stmt in steps:
-        try:
-            _exec(adapter, stmt)
-        except Exception as err:  # the connection may be gone: the server then rolls the XA back itself
-            logger.warning("xa %s: %r during abort failed: %s", xid, stmt, err)
+    client = as_client(dtm_source)
+    register = register_xa_branch_flow(client, xa_registration(info))
+    flow = local_transaction_flow(info, adapter.dialect, table, _blocking(busi), conn, register)
+    result: R = _flow.run(flow, _XaIO(adapter, client.transport))
+    return result
 
 
 def xa_handle_phase2(
@@ -222,62 +440,10 @@ def xa_handle_phase2(
     :func:`xa_local_transaction`. After a rollback the barrier row
     (xa, gid, branch_id, action, 01, reason rollback) is inserted, so a late action cannot run.
     """
-    info = _info(query)
-    if info.op not in (OP_COMMIT, OP_ROLLBACK):
-        raise DtmInvalidInput(f"xa phase 2 is commit or rollback, not {info.op!r}", gid=info.gid)
-    validate_table(table)
+    info = phase2_info(query, table)
     with connection_from(conn) as dedicated:
-        _phase2(info, dedicated, table=table, dialect=dialect)
-
-
-def _phase2(info: BranchInfo, conn: Any, *, table: str, dialect: Optional[str]) -> None:
-    adapter = _dbapi(conn, dialect)
-    xid = xid_of(info.gid, info.branch_id, adapter.dialect)
-    stmt = str(_statements(adapter.dialect, xid)[info.op])
-    with _Autocommit(adapter, on=True):
-        try:
-            _exec(adapter, stmt)
-        except Exception as exc:
-            if not is_unknown_xid(exc):
-                raise map_db_error(exc, f"xa {info.op}") from exc
-            if info.op == OP_COMMIT and _still_prepared(adapter, xid):
-                # MariaDB keeps a prepared XA attached to the session that prepared it until that
-                # session disconnects; answering success here would lose the committed work.
-                raise BarrierConflict(
-                    f"xa {xid} is prepared but held by another session (was the action's connection "
-                    "returned to a pool instead of closed?); DTM will retry the commit",
-                    gid=info.gid, branch_id=info.branch_id, op=info.op,
-                ) from exc
-            logger.debug("xa %s: %s found nothing to do (%s)", xid, info.op, exc)
-    if info.op == OP_ROLLBACK:
-        try:
-            adapter.begin()
-            insert_barrier(adapter, table, XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ROLLBACK)
-            adapter.commit()
-        except Exception as exc:
-            try:
-                adapter.rollback()
-            except Exception as rb_exc:
-                logger.warning("xa %s: rollback of the barrier insert failed: %s", xid, rb_exc)
-            raise map_db_error(exc, "xa rollback marker") from exc
-
-
-def is_unknown_xid(exc: BaseException) -> bool:
-    """Whether ``exc`` is the server saying the XA transaction does not exist (by error code, not text)."""
-    err = _driver_error(exc)
-    return err is not None and _error_code(err) in _UNKNOWN_XID_CODES
-
-
-def _still_prepared(adapter: _DbApiAdapter, xid: str) -> bool:
-    """Whether ``xid`` is still listed as a prepared transaction on the server."""
-    with adapter.conn.cursor() as cur:
-        if adapter.dialect == POSTGRES:
-            cur.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (xid,))
-            return cur.fetchone() is not None
-        cur.execute("XA RECOVER")
-        rows = cur.fetchall()
-    wanted = xid.encode()
-    return any((row[3].encode() if isinstance(row[3], str) else bytes(row[3])) == wanted for row in rows)
+        adapter = _dbapi(dedicated, dialect)
+        _flow.run(phase2_flow(info, adapter.dialect, table), _XaIO(adapter))
 
 
 def xa_preflight(conn: Any, *, dialect: Optional[str] = None) -> None:
@@ -288,30 +454,4 @@ def xa_preflight(conn: Any, *, dialect: Optional[str] = None) -> None:
     transaction.
     """
     adapter = _dbapi(conn, dialect)
-    probe = f"dtmcli-preflight-{uuid.uuid4().hex[:16]}"
-    sql = _statements(adapter.dialect, probe)
-    if adapter.dialect == POSTGRES:
-        row = adapter.fetch_one("show max_prepared_transactions", ())
-        adapter.rollback()
-        if row is None or int(row[0]) <= 0:
-            raise BarrierDatabaseError(
-                "PostgreSQL has max_prepared_transactions = 0, so PREPARE TRANSACTION is disabled: set "
-                "max_prepared_transactions (e.g. 20, at least max_connections you expect to hold XA branches) "
-                "with ALTER SYSTEM or postgresql.conf and restart the server"
-            )
-    steps = [sql["start"], sql["end"], sql["prepare"], sql[OP_ROLLBACK]]
-    with _Autocommit(adapter, on=adapter.dialect == POSTGRES):
-        for stmt in steps:
-            if not stmt:
-                continue
-            try:
-                _exec(adapter, stmt)
-            except Exception as exc:
-                text = str(exc)
-                hint = ""
-                if adapter.dialect == MYSQL and any(c in text for c in ("1227", "1044", "1142", "denied")):
-                    hint = " (the MySQL user lacks a privilege XA needs; grant XA_RECOVER_ADMIN on MySQL 8)"
-                elif "max_prepared_transactions" in text:
-                    hint = " (set max_prepared_transactions > 0 and restart PostgreSQL)"
-                _abort_local(adapter, sql, False, probe)
-                raise BarrierDatabaseError(f"XA is not usable on this server: {stmt!r} failed: {text}{hint}") from exc
+    _flow.run(preflight_flow(adapter.dialect), _XaIO(adapter))

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, AsyncIterator, ClassVar, Mapping, Optional, Union
+from typing import Any, AsyncIterator, ClassVar, Mapping, Optional, Sequence, Union
 
 from .._consts import DEFAULT_DTM
 from .._flow import arun
 from .._models import Transaction, TransactionPage
 from .._protocol import Response
 from .._retry import Retry
-from .._validate import check_http_url
-from ..client import _TRANSPORT_TIMEOUT, ClientBase, local_gid, next_page_position
+from ..client import _TRANSPORT_TIMEOUT, DEFAULT_DOWN_FOR, ClientBase, local_gid, next_page_position
 from ..errors import DtmInvalidInput
 from ._transport import AsyncTransport, default_async_transport
 
@@ -26,30 +25,32 @@ class AsyncDtmClient(ClientBase):
     included). ``transport=`` plugs in an :class:`AsyncTransport` (for instance
     ``HttpxTransport(client=your_httpx_async_client)`` for your own TLS and proxy settings).
     ``AsyncDtmClient.for_url(url)`` is the shared client the builders use for a plain URL; it
-    works from any event loop (the transport keeps one pool per loop).
+    works from any event loop (the transport keeps one pool per loop). A list of URLs is a DTM
+    cluster, with the failover rules of :class:`~dtmcli.DtmClient`.
     """
 
     _shared: ClassVar[OrderedDict[str, AsyncDtmClient]]
 
     def __init__(
         self,
-        url: str = DEFAULT_DTM,
+        url: Union[str, Sequence[str], None] = None,
         *,
         timeout: Optional[float] = _TRANSPORT_TIMEOUT,
         transport: Optional[AsyncTransport] = None,
         retry: Optional[Retry] = None,
+        down_for: float = DEFAULT_DOWN_FOR,
     ) -> None:
-        self._configure(url, timeout, transport, retry)
+        self._configure(url, timeout, transport, retry, down_for)
         self.transport: AsyncTransport = transport if transport is not None else default_async_transport(self.timeout)
 
     @classmethod
-    def for_url(cls, url: str) -> AsyncDtmClient:
+    def for_url(cls, url: Union[str, Sequence[str]]) -> AsyncDtmClient:
         """The shared client for ``url`` (created on first use; see :meth:`dtmcli.DtmClient.for_url`)."""
         client: AsyncDtmClient = cls._for_url(url)
         return client
 
     @classmethod
-    async def close_shared(cls, url: Optional[str] = None) -> None:
+    async def close_shared(cls, url: Union[str, Sequence[str], None] = None) -> None:
         """Close and forget the shared client of ``url`` (every shared client when ``None``)."""
         for client in cls._forget_shared(url):
             await client.aclose()
@@ -133,15 +134,14 @@ class AsyncDtmClient(ClientBase):
         return await arun(self._version_flow(), self)
 
 
-AsyncDtmLike = Union[str, AsyncDtmClient]
+AsyncDtmLike = Union[str, Sequence[str], AsyncDtmClient]
 
 
 def as_async_client(dtm: AsyncDtmLike) -> AsyncDtmClient:
     """An AsyncDtmClient from a URL string (the shared one for that address) or a client."""
     if isinstance(dtm, AsyncDtmClient):
         return dtm
-    if isinstance(dtm, str):
-        check_http_url(dtm, "DTM server URL")
+    if isinstance(dtm, (str, list, tuple)):
         return AsyncDtmClient.for_url(dtm)
     hint = " (a sync DtmClient cannot be awaited; use AsyncDtmClient)" if isinstance(dtm, ClientBase) else ""
     raise DtmInvalidInput(f"dtm must be a URL or an AsyncDtmClient, not {type(dtm).__name__}{hint}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Optional, TypeVar
 
+from .._barrier_decorator import checked_sync_source, is_async_db
 from .._consts import MSG
 from ..barrier import BranchBarrier
-from ..branch import BranchInfo, BranchResponse, handle_query
+from ..branch import BranchInfo, BranchResponse, handle_query, handle_query_async
 from ..errors import BranchRequestError
 
-__all__ = ["query_prepared_answer", "named_view"]
+__all__ = ["is_async_db", "named_view", "query_prepared_answer", "query_prepared_answer_async"]
 
 ViewT = TypeVar("ViewT", bound=Callable[..., Any])
 _VIEW_NUMBERS = itertools.count(1)
@@ -28,6 +29,11 @@ def named_view(view: ViewT) -> ViewT:
     return view
 
 
+def _require_msg(info: BranchInfo) -> None:
+    if info.trans_type != MSG:
+        raise BranchRequestError(f"query_prepared is a msg call, not {info.trans_type}", gid=info.gid)
+
+
 def query_prepared_answer(
     request: Any, db: Any, *, table: Optional[str] = None, dialect: Optional[str] = None
 ) -> BranchResponse:
@@ -40,9 +46,27 @@ def query_prepared_answer(
     425/500 for database trouble.
     """
 
+    source = checked_sync_source(db)  # an application factory handing out an async connection is refused
+
     def check(info: BranchInfo) -> None:
-        if info.trans_type != MSG:
-            raise BranchRequestError(f"query_prepared is a msg call, not {info.trans_type}", gid=info.gid)
-        BranchBarrier.for_msg(info.gid, table=table).query_prepared(db, dialect=dialect)
+        _require_msg(info)
+        BranchBarrier.for_msg(info.gid, table=table).query_prepared(source, dialect=dialect)
 
     return handle_query(request, check)
+
+
+async def query_prepared_answer_async(
+    request: Any, db: Any, *, table: Optional[str] = None, dialect: Optional[str] = None
+) -> BranchResponse:
+    """:func:`query_prepared_answer` on an async database (:mod:`dtmcli.asyncio.barrier`), awaited on the loop.
+
+    ``db`` is anything the async barrier accepts (an asyncpg or aiomysql pool or connection, a
+    psycopg ``AsyncConnection``, a SQLAlchemy async engine/connection/session, an ``async def`` factory).
+    """
+    from ..asyncio.barrier import BranchBarrier as AsyncBranchBarrier
+
+    async def check(info: BranchInfo) -> None:
+        _require_msg(info)
+        await AsyncBranchBarrier.for_msg(info.gid, table=table).query_prepared(db, dialect=dialect)
+
+    return await handle_query_async(request, check)

@@ -16,7 +16,10 @@ value goes through :func:`dtmcli.branch.success_response` as in every integratio
 JSON holds the words FAILURE/ONGOING is a 500. A returned Starlette ``Response`` is sent unchanged,
 as Flask and Django send a view's own response: its body is not inspected (return a dict or raise
 DtmFailure to fail). Other exceptions (FastAPI's own HTTPException, validation errors, bugs) go to
-the application's handlers as usual.
+the application's handlers as usual. Routes may be ``async def`` (run on the event loop, with the
+same mapping) or plain ``def`` (run in the thread pool); :func:`dtmcli.branch.current_branch_info`
+is the call of the request being served in either, and ``@barrier(db_arg="conn")`` runs an async
+route's work in the barrier on a dependency-injected async connection.
 
 :func:`branch_info` (``BranchDep``) injects the validated :class:`~dtmcli.branch.BranchInfo`;
 ``PayloadDep`` the JSON body. :func:`add_exception_handlers` maps dtmcli errors for routes that
@@ -41,12 +44,13 @@ from ..branch import (
     SUCCESS,
     BranchInfo,
     BranchRequestError,
-    BranchResponse,
     error_response,
+    handling,
     load_payload,
     success_response,
 )
 from ..errors import DtmError
+from .starlette import as_response, query_prepared_endpoint
 
 __all__ = [
     "SUCCESS",
@@ -63,12 +67,6 @@ __all__ = [
 
 # Where DtmRoute keeps the BranchInfo it parsed, so that the dependency does not parse it again.
 _SCOPE_KEY = "dtmcli.branch_info"
-
-
-
-def as_response(answer: BranchResponse) -> Response:
-    """A Starlette JSON response for a mapped answer."""
-    return Response(answer.content, status_code=answer.status, media_type="application/json")
 
 
 async def branch_info(request: Request) -> BranchInfo:
@@ -158,11 +156,12 @@ class DtmRoute(APIRoute):
             except BranchRequestError as exc:
                 return as_response(error_response(exc))
             request.scope[_SCOPE_KEY] = info
-            try:
-                response = await route_handler(request)
-                return _checked(response, info) or response
-            except DtmError as exc:
-                return as_response(error_response(exc, info))
+            with handling(info):  # current_branch_info() for the route, its dependencies and thread-pool calls
+                try:
+                    response = await route_handler(request)
+                    return _checked(response, info) or response
+                except DtmError as exc:
+                    return as_response(error_response(exc, info))
 
         return handler
 
@@ -183,20 +182,3 @@ def add_exception_handlers(app: Starlette) -> None:
     ``dtm_result`` FAILURE is only honoured by ``DtmRoute``).
     """
     app.add_exception_handler(DtmError, dtm_error_handler)
-
-
-def query_prepared_endpoint(
-    db: Any, *, table: Optional[str] = None, dialect: Optional[str] = None
-) -> Callable[[Request], Response]:
-    """A FastAPI/Starlette endpoint answering DTM's msg ``query_prepared`` from the SQL barrier table.
-
-    ``app.get("/QueryPrepared")(query_prepared_endpoint(engine))``; ``db`` is anything
-    ``@barrier(db=...)`` accepts. It is a plain function, so FastAPI runs the blocking database
-    check in its thread pool; errors are answered by the endpoint itself (no exception handlers needed).
-    """
-    from ._query_prepared import named_view, query_prepared_answer
-
-    def dtm_query_prepared(request: Request) -> Response:
-        return as_response(query_prepared_answer(request, db, table=table, dialect=dialect))
-
-    return named_view(dtm_query_prepared)

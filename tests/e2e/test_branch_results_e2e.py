@@ -1,7 +1,8 @@
 """A saga whose second action *returns* ``{"dtm_result": "FAILURE"}`` rolls back, end to end.
 
-Client → coordinator (in process, or ``--dtm-server``) → real Flask / FastAPI branch services over
-HTTP. Before the fix the returned FAILURE was answered 200 SUCCESS and the saga succeeded.
+Client (sync and asyncio) → coordinator (in process, or ``--dtm-server``) → real Flask / FastAPI
+branch services over HTTP. Before the fix the returned FAILURE was answered 200 SUCCESS and the saga
+succeeded.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, Callable, Iterator
 import flask
 import pytest
 from fastapi import APIRouter, FastAPI
+from flavours import Flavour, both
 from web_servers import serve_asgi, serve_wsgi
 
-from dtmcli import BranchInfo, Saga, local_gid
+from dtmcli import BranchInfo, local_gid
 from dtmcli.contrib.fastapi import BranchDep, DtmRoute, PayloadDep
 from dtmcli.contrib.flask import branch_handler, branch_payload
 from dtmcli.testing import DtmFacade
@@ -72,15 +74,16 @@ def fastapi_service(ledger: Ledger) -> Iterator[str]:
 SERVICES: dict[str, Callable[[Ledger], Any]] = {"flask": flask_service, "fastapi": fastapi_service}
 
 
+@both
 @pytest.mark.parametrize("framework", sorted(SERVICES))
-def test_returned_failure_compensates_the_saga(dtm: DtmFacade, framework: str) -> None:
+def test_returned_failure_compensates_the_saga(flavour: Flavour, dtm: DtmFacade, framework: str) -> None:
     ledger = Ledger()
     with SERVICES[framework](ledger) as busi:
         gid = local_gid()
-        saga = Saga(dtm.url, gid)
+        saga = flavour.m.Saga(dtm.url, gid)
         saga.add(f"{busi}/out/debit", f"{busi}/out/debit", {"amount": 30})
         saga.add(f"{busi}/in/credit", f"{busi}/in/credit", {"amount": 30})
-        saga.submit()
+        flavour.run(saga.submit())
         trans = dtm.wait_status(gid)
         assert trans.status == "failed"
         assert "account closed" in (trans.rollback_reason or "")
