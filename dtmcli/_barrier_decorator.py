@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 from ._barrier.branch_barrier import BranchBarrier
 from ._barrier.sql_conn import _is_factory as is_factory
 from ._consts import RESULT_SUCCESS
+from ._dbkind import ASYNC, SYNC, kind_of
 from .branch import (
     BranchInfo,
     BranchResponse,
@@ -34,15 +35,6 @@ __all__ = ["SyncAsyncMismatch", "barrier", "checked_sync_source", "db_kind", "is
 logger = logging.getLogger("dtmcli")
 
 _BACKENDS = ("sql", "mongo")
-SYNC, ASYNC = "sync", "async"
-
-# Where a database object comes from tells whether its calls block or must be awaited.
-_ASYNC_TOPS = frozenset({"asyncpg", "aiomysql", "aiopg", "asyncmy", "aiosqlite", "motor"})
-_ASYNC_PREFIXES = ("sqlalchemy.ext.asyncio", "pymongo.asynchronous", "redis.asyncio")
-_SYNC_TOPS = frozenset(
-    {"pymysql", "MySQLdb", "mysql", "psycopg2", "sqlalchemy", "django", "pymongo", "redis", "dbutils", "sqlite3"}
-)
-_PSYCOPG = frozenset({"psycopg", "psycopg_pool"})  # one package for both: the class name tells (AsyncConnection)
 
 
 class SyncAsyncMismatch(DtmInvalidInput, TypeError):
@@ -51,15 +43,6 @@ class SyncAsyncMismatch(DtmInvalidInput, TypeError):
     Refused before any statement runs: blocking I/O on the event loop, or coroutines that are never
     awaited, would otherwise go unnoticed.
     """
-
-
-def _kind_of(module: str, name: str) -> Optional[str]:
-    top = module.split(".")[0]
-    if top in _ASYNC_TOPS or module.startswith(_ASYNC_PREFIXES):
-        return ASYNC
-    if top in _PSYCOPG:
-        return ASYNC if name.startswith("Async") else SYNC
-    return SYNC if top in _SYNC_TOPS else None
 
 
 def db_kind(db: Any) -> Optional[str]:
@@ -79,8 +62,8 @@ def db_kind(db: Any) -> Optional[str]:
     if inspect.ismethod(db):
         return db_kind(db.__self__)
     if isinstance(db, type) or inspect.isfunction(db) or inspect.isbuiltin(db):
-        return _kind_of(getattr(db, "__module__", None) or "", getattr(db, "__name__", ""))
-    return _kind_of(type(db).__module__, type(db).__name__)
+        return kind_of(getattr(db, "__module__", None) or "", getattr(db, "__name__", ""))
+    return kind_of(type(db).__module__, type(db).__name__)
 
 
 def is_async_db(db: Any) -> bool:

@@ -16,6 +16,7 @@ import weakref
 from typing import Any, Iterator, Mapping, Optional
 
 from .. import _flow
+from .._dbkind import ASYNC, object_kind
 from .._flow import Flow, StoreOp
 from ..errors import DtmError, DtmInvalidInput
 from .core import BarrierConflict, BarrierDatabaseError, BarrierIdentity
@@ -183,16 +184,9 @@ def aborted_error() -> BarrierDatabaseError:
     )
 
 
-# Modules of asyncio connections and sources: the blocking barrier refuses them.
-_ASYNC_MODULES = ("asyncpg", "aiomysql", "asyncmy", "aiopg", "sqlalchemy.ext.asyncio")
-
-
 def is_async_connection(conn: Any) -> bool:
     """Whether ``conn`` is an asyncio driver's connection, pool, engine or session (awaited calls)."""
-    module = type(conn).__module__
-    if module.startswith(_ASYNC_MODULES):
-        return True
-    return module.split(".")[0] == "psycopg" and type(conn).__name__.startswith("Async")
+    return object_kind(conn) == ASYNC
 
 
 # --- adapters ---------------------------------------------------------------------------------

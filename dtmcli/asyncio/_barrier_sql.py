@@ -35,6 +35,7 @@ from .._barrier.sql_conn import (
     normalize_dialect,
     raw_target,
 )
+from .._dbkind import SYNC, kind_of
 from ..errors import DtmInvalidInput
 from ._barrier_common import shielded
 
@@ -289,9 +290,6 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         return [tuple(row) for row in (await self._run(sql, params)).fetchall()]
 
 
-_BLOCKING_TOPS = ("pymysql", "MySQLdb", "mysql", "psycopg2", "psycopg", "sqlalchemy", "django")
-
-
 def adapt(conn: Any, dialect: Optional[str]) -> _AsyncAdapter:
     """The asyncio adapter for ``conn``; a blocking connection is refused (DtmInvalidInput) before any I/O."""
     module, name = type(conn).__module__, type(conn).__name__
@@ -304,7 +302,7 @@ def adapt(conn: Any, dialect: Optional[str]) -> _AsyncAdapter:
         adapter = _PsycopgAdapter(conn)
     elif module.startswith("sqlalchemy.ext.asyncio"):
         return _SqlAlchemyAdapter(conn, dialect)
-    elif top in _BLOCKING_TOPS:
+    elif kind_of(module, name) == SYNC:
         raise DtmInvalidInput(
             f"{module}.{name} is a blocking connection: the asyncio barrier would block the event loop on it; "
             "use an async driver (asyncpg, aiomysql, psycopg AsyncConnection, SQLAlchemy async) or "
