@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Optional, TypeVar, overload
 
+from . import _otel
 from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SUCCEED
 from ._flow import Flow, Request, run
 from ._options import OPTION_NAMES, TransOptions, did_you_mean
@@ -347,6 +348,9 @@ class TransCore:
         body: dict[str, Any] = {"gid": self._gid, "trans_type": self.trans_type}
         body.update(self._extra_body())
         body.update(self._options.to_wire())
+        trace = _otel.trace_headers()
+        if trace:  # DTM forwards branch_headers to every branch call: the handlers join this trace
+            body["branch_headers"] = {**body.get("branch_headers", {}), **trace}
         body["concurrent"] = self._concurrent
         body["protocol"] = ""
         return body
@@ -382,12 +386,18 @@ class TransCore:
         params = client_branch_query(self.dtm, self.gid, branch_id, self.trans_type, op, phase2_url)
         headers = {"Content-Type": "application/json"} if body is not None else {}
         headers.update(self.options.branch_headers)
+        span = _otel.start(f"dtm branch {self.trans_type} {op}", gid=self.gid, trans_type=self.trans_type,
+                           branch_id=branch_id, op=op)
+        _otel.inject(span, headers)
         try:
             resp: Response = yield Request(method, url, params, body, headers or None)
-        except DtmError as exc:
-            exc.gid, exc.branch_id, exc.op = exc.gid or self.gid, exc.branch_id or branch_id, exc.op or op
+        except BaseException as exc:
+            if isinstance(exc, DtmError):
+                exc.gid, exc.branch_id, exc.op = exc.gid or self.gid, exc.branch_id or branch_id, exc.op or op
+            _otel.finish(span, exc)
             raise
         err = branch_error(resp, url=url, gid=self.gid, branch_id=branch_id, op=op)
+        _otel.finish(span, err)
         if err is not None:
             raise err
         return resp

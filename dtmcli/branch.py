@@ -30,9 +30,10 @@ import inspect
 import json
 import logging
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Optional, Union
 
+from . import _otel
 from ._consts import (
     MAX_OP_LEN,
     MSG,
@@ -164,6 +165,8 @@ class BranchInfo:
     op: str
     dtm: Optional[str] = None
     phase2_url: Optional[str] = None
+    trace_context: Optional[Mapping[str, str]] = field(default=None, compare=False, repr=False)
+    """The request's W3C ``traceparent``/``tracestate`` headers (read only when tracing is on)."""
 
     def __post_init__(self) -> None:
         self._validate()
@@ -228,8 +231,15 @@ class BranchInfo:
 
     @classmethod
     def from_request(cls, request: Any) -> BranchInfo:
-        """Parse the query of a Flask, FastAPI/Starlette or Django request (or a plain mapping)."""
-        return cls.from_query(query_of(request))
+        """Parse the query of a Flask, FastAPI/Starlette or Django request (or a plain mapping).
+
+        With OpenTelemetry tracing on, the request's trace headers are kept in :attr:`trace_context`.
+        """
+        info = cls.from_query(query_of(request))
+        trace = _otel.headers_of(request)
+        if trace:
+            object.__setattr__(info, "trace_context", trace)
+        return info
 
     @property
     def failure_allowed(self) -> bool:
@@ -455,10 +465,16 @@ def current_branch_info() -> Optional[BranchInfo]:
 
 @contextlib.contextmanager
 def handling(info: BranchInfo) -> Iterator[BranchInfo]:
-    """Make ``info`` the :func:`current_branch_info` for the block (restored after; nests)."""
+    """Make ``info`` the :func:`current_branch_info` for the block (restored after; nests).
+
+    With OpenTelemetry tracing on, the block also runs in a SERVER span continuing the request's trace.
+    """
+    outer = _CURRENT.get()
     token = _CURRENT.set(info)
     try:
-        yield info
+        # An integration around a barrier-decorated handler handles the same call twice: one span.
+        with contextlib.nullcontext() if outer is info else _otel.server_span(info, info.trace_context):
+            yield info
     finally:
         _CURRENT.reset(token)
 
@@ -481,8 +497,11 @@ def handle(info: BranchInfo, func: Callable[[], Any]) -> BranchResponse:
         try:
             value = func()
         except Exception as exc:
-            return error_response(exc, info)
-    return success_response(value, info)
+            resp = error_response(exc, info)
+        else:
+            resp = success_response(value, info)
+        _otel.outcome(resp.status)
+    return resp
 
 
 async def handle_async(info: BranchInfo, func: Callable[[], Awaitable[Any]]) -> BranchResponse:
@@ -491,8 +510,11 @@ async def handle_async(info: BranchInfo, func: Callable[[], Awaitable[Any]]) -> 
         try:
             value = await func()
         except Exception as exc:
-            return error_response(exc, info)
-    return success_response(value, info)
+            resp = error_response(exc, info)
+        else:
+            resp = success_response(value, info)
+        _otel.outcome(resp.status)
+    return resp
 
 
 def handle_query(query: Any, func: Callable[[BranchInfo], Any]) -> BranchResponse:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import shortuuid
 
+from . import _otel
 from ._consts import DEFAULT_DTM
 from ._dtm_servers import ENV_VAR
 from ._flow import Flow, Request, Sleep, run
@@ -214,6 +215,7 @@ class ClientBase:
         order = servers.order(time.monotonic()) if cluster else self.urls
         attempt = 0
         index = 0  # into order; a retry or a refused connection moves on to the next server
+        span = _otel.start(f"dtm {path}", gid=gid, trans_type=body.get("trans_type") if body else None)
         try:
             while True:
                 base = order[index % len(order)]
@@ -242,13 +244,15 @@ class ClientBase:
                 yield Sleep(delay, retry.sleep)
                 attempt += 1
                 index += 1
-        except DtmError as exc:
-            if exc.gid is None:
+        except BaseException as exc:
+            if isinstance(exc, DtmError) and exc.gid is None:
                 exc.gid = gid
+            _otel.finish(span, exc)
             raise
         if cluster:
             servers.mark_up(base)
         err = dtm_error(resp, path=path, gid=gid)
+        _otel.finish(span, err, server=base if cluster else None)
         if err is not None:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("dtm %s %s gid=%s failed: %s", method, path, gid, err)

@@ -19,7 +19,7 @@ import re
 from importlib import resources
 from typing import Any, Callable, Mapping, NoReturn, Optional, Protocol, TypeVar
 
-from .. import _flow
+from .. import _flow, _otel
 from .._consts import MSG_BRANCH_ID, OP_ACTION, OP_CANCEL, OP_COMPENSATE, OP_MSG, OP_ROLLBACK, OP_TRY
 from .._flow import Call, Flow, StoreOp
 from ..errors import BarrierConflict, BarrierDatabaseError, DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput
@@ -227,6 +227,7 @@ def barrier_flow(
         "barrier %s/%s/%s/%s: origin_affected=%s current_affected=%s -> %s",
         barrier.gid, barrier.branch_id, barrier.op, bid, origin_affected, current_affected, decision.value,
     )
+    _otel.event("dtm.barrier", decision=decision.value, barrier_id=bid)
     if on_decision is not None:
         on_decision(decision)
     if decision is Decision.MSG_DUPLICATED:

@@ -36,7 +36,7 @@ import hashlib
 import logging
 from typing import Any, Optional
 
-from .. import _flow
+from .. import _flow, _otel
 from .._consts import MSG_BRANCH_ID, OP_MSG
 from .._flow import Flow, StoreOp
 from ..errors import DtmDuplicated, DtmFailure, DtmInvalidInput
@@ -238,6 +238,10 @@ def check_adjust_amount(
                                  barrier_id=barrier_id, expire=expire, layout=layout), client)
 
 
+# The script's answers as the decisions the SQL barrier records.
+_DECISIONS = {"APPLIED": "run", "DUPLICATE": "duplicate", "NULL_COMPENSATION": "null_compensation"}
+
+
 def adjust_flow(
     key: str,
     amount: int,
@@ -283,6 +287,7 @@ def adjust_flow(
         raise BarrierDatabaseError(f"redis barrier script failed: {type(exc).__name__}: {exc}", **where) from exc
     result = answer.decode() if isinstance(answer, bytes) else str(answer)
     logger.debug("redis barrier %s/%s/%s/%s on %s: %s", gid, branch_id, op, barrier_id, key, result)
+    _otel.event("dtm.barrier", decision=_DECISIONS.get(result, result.lower()), barrier_id=barrier_id)
     if result == "FAILURE":
         raise DtmFailure(f"redis key {key!r} is missing or would go below zero", **where)
     if result == "DUPLICATE":

@@ -40,6 +40,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import _otel
 from ..branch import (
     SUCCESS,
     BranchInfo,
@@ -159,9 +160,11 @@ class DtmRoute(APIRoute):
             with handling(info):  # current_branch_info() for the route, its dependencies and thread-pool calls
                 try:
                     response = await route_handler(request)
-                    return _checked(response, info) or response
+                    response = _checked(response, info) or response
                 except DtmError as exc:
-                    return as_response(error_response(exc, info))
+                    response = as_response(error_response(exc, info))
+                _otel.outcome(response.status_code)
+                return response
 
         return handler
 
