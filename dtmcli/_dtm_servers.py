@@ -73,9 +73,13 @@ def configured_dtm_servers() -> Optional[frozenset[str]]:
     with _lock:
         if _configured is not None:
             return _configured
-    raw = os.environ.get(ENV_VAR, "")
-    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    urls = env_urls()
     return _canonical_set(urls, f"{ENV_VAR} entry") if urls else None
+
+
+def env_urls() -> list[str]:
+    """The DTM server URLs in ``DTMCLI_SERVER`` (comma-separated; blanks around and empty entries ignored)."""
+    return [u.strip() for u in os.environ.get(ENV_VAR, "").split(",") if u.strip()]
 
 
 def is_trusted_dtm(url: str) -> bool:

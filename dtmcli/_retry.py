@@ -36,7 +36,8 @@ class Retry:
 
     Only idempotent calls use it: ``newGid``, ``query``, ``all``, ``ping``, ``version`` and
     ``prepare``. ``submit`` and ``abort`` are never repeated blindly (protocol.md §2: a resubmitted
-    TCC/XA is marked succeeded without confirming); see ``submit(recover=True)``.
+    TCC/XA is marked succeeded without confirming); see ``submit(recover=True)``. ``sleep`` is what
+    the sync client waits with; the asyncio client always awaits ``asyncio.sleep``.
     """
 
     retries: int = 2

@@ -146,6 +146,7 @@ class TransCore:
         self._state = NEW
         self._stored = False  # a prepare/submit/abort of this object may have reached DTM
         self._sent = False  # ... during the operation in progress
+        self._busy = ""  # the prepare/submit/abort in flight, if any
         self._concurrent = False
         self.client = self._as_client(dtm)
 
@@ -266,10 +267,12 @@ class TransCore:
     ) -> Flow[None]:
         """Move the lifecycle for ``op`` (prepare, submit or abort) and run the flow ``send()``.
 
-        The state moves before anything is sent, so a second prepare/submit/abort started meanwhile
-        is refused; it goes back only when DTM cannot have received the request (or for prepare,
-        which DTM treats idempotently). ``check`` runs under the lock before the state moves (it
-        may refuse with ``_check_mutable``).
+        One operation at a time: another prepare/submit/abort started while this one is in flight
+        (another asyncio task, or a ``do_and_submit`` in another thread) is refused with
+        DtmInvalidInput; the sync driver additionally holds the lock, so threads queue. The state
+        moves before anything is sent, and goes back only when DTM cannot have received the request
+        (or for prepare, which DTM treats idempotently). ``check`` runs under the lock before the
+        state moves (it may refuse with ``_check_mutable``).
         """
         allowed, target = {
             "prepare": (self._prepare_from, PREPARED_STATE),
@@ -277,18 +280,24 @@ class TransCore:
             "abort": (self._abort_from, ABORTED),
         }[op]
         with self._lock:
+            if self._busy:
+                raise DtmInvalidInput(
+                    f"cannot {op}: a {self._busy} of {self.trans_type} {self._gid} is in progress", gid=self._gid
+                )
             if self._state not in allowed:
                 raise DtmInvalidInput(self._refusal(op), gid=self._gid)
             if check is not None:
                 check()
-            before, self._state, self._sent = self._state, target, False
+            before, self._state, self._sent, self._busy = self._state, target, False, op
         try:
             yield from send()
         except BaseException:
-            if op == "prepare" or not self._sent:
-                with self._lock:
+            with self._lock:
+                if op == "prepare" or not self._sent:
                     self._state = before
             raise
+        finally:
+            self._busy = ""
 
     def _post_trans(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Flow[None]:
         """POST a prepare/submit/abort body, noting whether DTM may have received it."""

@@ -26,7 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from ._protocol import Response
-from .errors import DtmConnectError, DtmInvalidInput, DtmTimeout, DtmTransportError
+from .errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 
 __all__ = ["Transport", "RequestsTransport", "Urllib3Transport", "default_transport", "check_timeout"]
 
@@ -325,6 +325,8 @@ class RequestsTransport(_ForkSafe):
                 method, url, params=params, data=body, headers=headers, timeout=timeout, allow_redirects=False
             )
             content = r.content
+        except requests.ConnectTimeout as exc:
+            raise DtmConnectTimeout(f"{method} {url}: connecting timed out: {exc}") from exc
         except requests.Timeout as exc:
             raise DtmTimeout(f"{method} {url} timed out: {exc}") from exc
         except requests.ConnectionError as exc:
@@ -414,6 +416,8 @@ class Urllib3Transport(_ForkSafe):
         except errors.NewConnectionError as exc:
             # Checked first: urllib3 2.x makes it a subclass of ConnectTimeoutError.
             raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
+        except errors.ConnectTimeoutError as exc:
+            raise DtmConnectTimeout(f"{method} {url}: connecting timed out: {exc}") from exc
         except errors.TimeoutError as exc:
             raise DtmTimeout(f"{method} {url} timed out: {exc}") from exc
         except (errors.HTTPError, OSError) as exc:

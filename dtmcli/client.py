@@ -13,14 +13,22 @@ import shortuuid
 
 from . import _otel
 from ._consts import DEFAULT_DTM
-from ._dtm_servers import ENV_VAR
+from ._dtm_servers import env_urls
 from ._flow import Flow, Request, Sleep, run
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
 from ._transport import MAX_TIMEOUT, Transport, check_timeout, default_transport
 from ._validate import check_http_url, check_non_negative_int, check_received_gid
-from .errors import DtmConnectError, DtmError, DtmInvalidInput, DtmServerError, DtmTimeout, DtmTransportError
+from .errors import (
+    DtmConnectError,
+    DtmConnectTimeout,
+    DtmError,
+    DtmInvalidInput,
+    DtmServerError,
+    DtmTimeout,
+    DtmTransportError,
+)
 
 __all__ = ["ClientBase", "DtmClient", "new_gid", "local_gid", "DtmLike", "next_page_position"]
 
@@ -56,11 +64,12 @@ DEFAULT_DOWN_FOR = 5.0
 def server_urls(url: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     """The DTM server URL(s) a client is given, checked, without trailing slashes and deduplicated.
 
-    ``url`` is one URL, a comma-separated list (as in ``DTMCLI_SERVER``) or a sequence of URLs;
-    ``None`` means ``DTMCLI_SERVER``, else the standard local address.
+    ``url`` is one URL, a comma-separated list or a sequence of URLs; ``None`` (and the default
+    address :data:`DEFAULT_DTM` the builders use when given none) means ``DTMCLI_SERVER``, else
+    the standard local address.
     """
     if url is None:
-        url = os.environ.get(ENV_VAR, "") or DEFAULT_DTM
+        url = env_urls() or DEFAULT_DTM
     parts = url.split(",") if isinstance(url, str) else list(url)
     urls: list[str] = []
     for part in parts:
@@ -88,30 +97,34 @@ class ServerPool:
         self.urls = urls
         self.down_for = down_for
         self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()  # writers only: readers take a snapshot (dict copy is atomic)
 
     def order(self, now: float) -> tuple[str, ...]:
         """The servers to try, best first."""
-        down = self._down_until
-        if not down:
+        if not self._down_until:
             return self.urls
+        down = dict(self._down_until)
         up = [u for u in self.urls if down.get(u, 0.0) <= now]
         later = sorted((u for u in self.urls if down.get(u, 0.0) > now), key=lambda u: down[u])
         return (*up, *later)
 
     def mark_down(self, url: str, now: float) -> None:
-        """``url`` refused a connection: pass it over for ``down_for`` seconds."""
-        if url not in self._down_until or self._down_until[url] <= now:
-            logger.warning("DTM server %s refused a connection; using the others for %.0f s", url, self.down_for)
-        self._down_until[url] = now + self.down_for
+        """``url`` refused a connection or timed out: pass it over for ``down_for`` seconds."""
+        with self._lock:
+            was_up = self._down_until.get(url, 0.0) <= now
+            self._down_until[url] = now + self.down_for
+        if was_up:
+            logger.warning("DTM server %s failed; using the others for %.0f s", url, self.down_for)
 
     def mark_up(self, url: str) -> None:
         """``url`` answered."""
         if self._down_until:
-            self._down_until.pop(url, None)
+            with self._lock:
+                self._down_until.pop(url, None)
 
     def down(self, now: float) -> tuple[str, ...]:
         """The servers set aside at ``now``."""
-        return tuple(u for u, until in self._down_until.items() if until > now)
+        return tuple(u for u, until in dict(self._down_until).items() if until > now)
 
 
 class ClientBase:
@@ -216,17 +229,24 @@ class ClientBase:
         attempt = 0
         index = 0  # into order; a retry or a refused connection moves on to the next server
         span = _otel.start(f"dtm {path}", gid=gid, trans_type=body.get("trans_type") if body else None)
+        refused: Optional[DtmConnectError] = None  # the last attempt's, if it was refused
         try:
             while True:
                 base = order[index % len(order)]
                 url = f"{base}/{path}"
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise DtmTimeout(f"{method} {url}: the {budget} s timeout ran out before a retry")
+                    message = f"{method} {url}: the {budget} s timeout ran out before a retry"
+                    if refused is not None:  # nothing was sent: say so, the recover rules depend on it
+                        raise DtmConnectTimeout(f"{message} (last attempt: {refused.message})") from refused
+                    raise DtmTimeout(message)
+                if cluster and idempotent and left is not None:
+                    left /= len(order) - index % len(order)  # leave time for the servers not tried yet
                 try:
                     resp: Response = yield Request(method, url, params, data, None, left)
                     break
-                except DtmConnectError:
+                except DtmConnectError as exc:
+                    refused = exc
                     if cluster:
                         servers.mark_down(base, time.monotonic())
                         if index + 1 < len(order):
@@ -238,6 +258,9 @@ class ClientBase:
                         raise
                 except DtmTransportError:
                     # It may have arrived: only an idempotent call is repeated (on the next server).
+                    refused = None
+                    if cluster:
+                        servers.mark_down(base, time.monotonic())  # later calls prefer the others
                     delay = retry.next_delay(attempt, deadline, time.monotonic())
                     if delay is None:
                         raise
@@ -475,9 +498,15 @@ DtmLike = Union[str, Sequence[str], DtmClient]
 
 
 def as_client(dtm: DtmLike) -> DtmClient:
-    """A DtmClient from a URL string or a list of URLs (the shared client for them) or a client."""
+    """A DtmClient from a URL string or a list of URLs (the shared client for them) or a client.
+
+    The default address :data:`DEFAULT_DTM` (what builders use when given no ``dtm``) stands for
+    ``DTMCLI_SERVER`` when that is set.
+    """
     if isinstance(dtm, DtmClient):
         return dtm
+    if dtm is DEFAULT_DTM:  # no address given: DTMCLI_SERVER when set
+        return DtmClient.for_url(server_urls(None))
     if isinstance(dtm, (str, list, tuple)):
         return DtmClient.for_url(dtm)
     raise DtmInvalidInput(f"dtm must be a URL or a DtmClient, not {type(dtm).__name__}")

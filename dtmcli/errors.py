@@ -114,6 +114,10 @@ class DtmTimeout(DtmTransportError):
     request may or may not have been processed."""
 
 
+class DtmConnectTimeout(DtmConnectError, DtmTimeout):
+    """The connection could not be made within the timeout: a timeout, and the request was certainly not sent."""
+
+
 class DtmServerError(DtmError):
     """An unexpected answer: a status other than 200/409/425, or a body that cannot be read.
 

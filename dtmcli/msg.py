@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from typing import Any, Callable, ClassVar, Optional, TypeVar
@@ -13,6 +14,7 @@ from ._steps import StepTrans
 from ._trans import NEW, PREPARED_STATE, TransBase
 from ._validate import check_http_url, check_non_negative_int
 from .barrier import BranchBarrier
+from .branch import is_async_callable
 from .client import DtmLike
 from .errors import DtmFailure, DtmInvalidInput
 
@@ -24,6 +26,10 @@ R = TypeVar("R")
 M = TypeVar("M", bound="MsgCore")
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class _NotRun(DtmInvalidInput):
+    """The local work of a do-and-submit did not run (it was a coroutine given to the sync driver)."""
 
 
 class MsgCore(StepTrans):
@@ -138,7 +144,16 @@ class MsgCore(StepTrans):
         yield from self._prepare_op(query_prepared)
         try:
             result = yield Call(busi_call, barrier)
-        except DtmFailure:
+            if inspect.isawaitable(result):  # the sync driver got a coroutine: the local work never ran
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise _NotRun(
+                    f"msg {self.gid}: the local work returned an awaitable, so it did not run; aborted. "
+                    "Use dtmcli.asyncio.Msg for async local work",
+                    gid=self.gid,
+                )
+        except (DtmFailure, _NotRun):
             yield from self._after_busi_error(self._run_flow("abort", self._abort_flow))
             raise
         except Exception as busi_error:
@@ -221,6 +236,12 @@ class Msg(MsgCore, TransBase):
         success, or leave the message for DTM to query when the answer is unknown. The business
         error is always re-raised.
         """
+        if is_async_callable(busi_call):
+            raise DtmInvalidInput(
+                f"msg {self.gid}: {getattr(busi_call, '__qualname__', busi_call)!r} is a coroutine function; the "
+                "sync Msg cannot run it (nothing was sent). Use dtmcli.asyncio.Msg",
+                gid=self.gid,
+            )
         result: R = self._drive(self._do_and_submit_flow(query_prepared, busi_call))
         return result
 

@@ -10,7 +10,7 @@ from .._flow import arun
 from .._models import Transaction, TransactionPage
 from .._protocol import Response
 from .._retry import Retry
-from ..client import _TRANSPORT_TIMEOUT, DEFAULT_DOWN_FOR, ClientBase, local_gid, next_page_position
+from ..client import _TRANSPORT_TIMEOUT, DEFAULT_DOWN_FOR, ClientBase, local_gid, next_page_position, server_urls
 from ..errors import DtmInvalidInput
 from ._transport import AsyncTransport, default_async_transport
 
@@ -141,6 +141,8 @@ def as_async_client(dtm: AsyncDtmLike) -> AsyncDtmClient:
     """An AsyncDtmClient from a URL string (the shared one for that address) or a client."""
     if isinstance(dtm, AsyncDtmClient):
         return dtm
+    if dtm is DEFAULT_DTM:  # no address given: DTMCLI_SERVER when set
+        return AsyncDtmClient.for_url(server_urls(None))
     if isinstance(dtm, (str, list, tuple)):
         return AsyncDtmClient.for_url(dtm)
     hint = " (a sync DtmClient cannot be awaited; use AsyncDtmClient)" if isinstance(dtm, ClientBase) else ""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional, TextIO
 from urllib.parse import urlsplit
 
 from .._consts import DEFAULT_DTM
-from .._dtm_servers import ENV_VAR
+from .._dtm_servers import env_urls
 from ..client import DtmClient
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNREACHABLE", "EXIT_USAGE", "Io", "client_for", "dtm_url", "redact",
@@ -42,8 +41,7 @@ def dtm_url(given: Optional[str]) -> str:
     """``--dtm``, else the first entry of ``DTMCLI_SERVER`` (comma-separated), else the standard address."""
     if given:
         return given
-    first = next((u.strip() for u in os.environ.get(ENV_VAR, "").split(",") if u.strip()), "")
-    return first or DEFAULT_DTM
+    return next(iter(env_urls()), DEFAULT_DTM)
 
 
 def client_for(url: str, timeout: float) -> DtmClient:

@@ -5,16 +5,18 @@ a submit is never sent twice)."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from typing import Any
 
 import pytest
 
-from dtmcli import DtmClient, DtmConnectError, DtmTimeout, Saga, local_gid
+from dtmcli import DEFAULT_DTM, DtmClient, DtmConnectError, DtmTimeout, Saga, Tcc, local_gid
 from dtmcli._flow import Request, Sleep
 from dtmcli._protocol import Response
 from dtmcli._retry import ExponentialBackoff, Retry
 from dtmcli.client import ServerPool, as_client, server_urls
-from dtmcli.errors import DtmInvalidInput, DtmTransportError
+from dtmcli.errors import DtmConnectTimeout, DtmInvalidInput, DtmTransportError
 from dtmcli.testing import BranchService, DtmTestServer
 
 A = "http://dtm-a.invalid:36789/api/dtmsvr"
@@ -30,10 +32,14 @@ class Script:
         self.answers = list(answers)
         self.urls: list[str] = []
         self.sleeps: list[float] = []
+        self.requests: list[Request] = []
 
     def drive(self, flow: Any) -> Any:
-        value: Any = None
-        failed = False
+        return self.drive_from(flow, None)
+
+    def drive_from(self, flow: Any, value: Any) -> Any:
+        """Drive ``flow``, starting by sending (or throwing) ``value`` in."""
+        failed = isinstance(value, BaseException)
         while True:
             try:
                 effect = flow.throw(value) if failed else flow.send(value)
@@ -45,6 +51,7 @@ class Script:
                 continue
             assert isinstance(effect, Request)
             self.urls.append(effect.url)
+            self.requests.append(effect)
             answer = self.answers.pop(0)
             value, failed = answer, isinstance(answer, BaseException)
 
@@ -69,6 +76,18 @@ def test_urls_from_a_list_a_comma_string_or_the_environment(monkeypatch: pytest.
             server_urls(bad)  # type: ignore[arg-type]
     with pytest.raises(DtmInvalidInput):
         DtmClient([A, B], down_for=-1)
+
+
+def test_the_default_address_means_the_environment_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DTMCLI_SERVER", f" {A} ,{B},\t")  # as the trust list and the CLI accept it
+    try:
+        assert DtmClient().urls == (A, B)
+        assert Saga().client.urls == (A, B) and Saga().dtm == A
+        assert as_client(DEFAULT_DTM).urls == (A, B)
+        explicit = "http://localhost:36789/api/dtmsvr"[:]  # the same text typed by the user: not the default
+        assert Saga("".join(explicit)).client.urls == (explicit,)
+    finally:
+        DtmClient.close_shared()
 
 
 def test_one_shared_client_per_cluster_and_the_builders_take_a_list() -> None:
@@ -117,7 +136,7 @@ def test_a_submit_that_may_have_arrived_is_never_sent_to_another_server(error: E
     with pytest.raises(type(error)):
         script.drive(c._post_flow("submit", {"gid": "G"}))
     assert script.urls == [f"{A}/submit"]
-    assert c.url == A  # a timeout does not mark the server down
+    assert c.url == B  # not resent, but later calls prefer the other server
 
 
 def test_an_idempotent_call_after_a_timeout_retries_on_the_next_server() -> None:
@@ -125,6 +144,54 @@ def test_an_idempotent_call_after_a_timeout_retries_on_the_next_server() -> None
     script = Script(DtmTimeout("slow"), EMPTY_QUERY)
     assert script.drive(c._query_flow("G")) is None
     assert script.urls == [f"{A}/query", f"{B}/query"] and len(script.sleeps) == 1
+
+
+def test_an_idempotent_call_leaves_time_for_the_servers_not_tried_yet() -> None:
+    c = cluster(timeout=10)
+    script = Script(EMPTY_QUERY)
+    flow = c._query_flow("G")
+    first = next(flow)
+    assert isinstance(first, Request) and first.timeout is not None and 4.5 < first.timeout <= 5.0
+    assert script.drive_from(flow, DtmTimeout("slow")) is None
+    (second,) = script.requests
+    assert isinstance(second, Request) and second.url == f"{B}/query" and second.timeout is not None
+    assert second.timeout > 8.0  # the last server gets all that is left
+    submit = next(cluster(timeout=10)._post_flow("submit", {"gid": "G"}))
+    assert isinstance(submit, Request) and submit.timeout is not None and submit.timeout > 9.5  # never cut short
+
+
+def test_a_refusal_that_used_up_the_budget_still_says_nothing_was_sent() -> None:
+    c = cluster(timeout=0.2, retry=Retry(retries=0))
+    flow = c._post_flow("submit", {"gid": "G"})
+    next(flow)
+    time.sleep(0.25)  # the refusal took the whole budget (slow DNS, no route)
+    with pytest.raises(DtmConnectTimeout) as e:
+        flow.throw(DtmConnectError("no route"))
+    assert isinstance(e.value, DtmTimeout) and "ran out" in e.value.message
+
+
+def test_the_pool_is_safe_under_threads() -> None:
+    import threading
+
+    pool = ServerPool((A, B, "http://c"), down_for=0.0001)
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(20000):
+                now = i * 0.00001
+                pool.mark_down((A, B)[i % 2], now)
+                pool.order(now)
+                pool.mark_up((A, B)[(i + 1) % 2])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def test_when_every_server_refuses_the_call_fails_as_refused() -> None:
@@ -148,21 +215,58 @@ def test_recover_resubmits_on_another_server_only_when_nothing_was_sent() -> Non
 # -- end to end: two coordinators, one stopped mid-run --------------------------------------------
 
 
-def test_sagas_keep_succeeding_when_one_coordinator_stops() -> None:
-    with BranchService() as busi, DtmTestServer(clock="real") as a, DtmTestServer(clock="real") as b:
-        client = DtmClient([a.url, b.url], timeout=5)
-        gids: list[str] = []
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_cluster_keeps_working_when_a_server_dies_mid_transaction(tmp_path: Any) -> None:
+    """Two coordinators on one store (SQLite): A serves, dies in the middle of a TCC, B takes over."""
+    store = str(tmp_path / "dtm.sqlite")
+    port_b = free_port()
+    with BranchService() as busi, DtmTestServer(clock="real", sqlite_path=store) as a:
+        url_b = f"http://127.0.0.1:{port_b}/api/dtmsvr"
+        client = DtmClient([a.url, url_b], timeout=5)
+        gids = []
         try:
-            for i in range(12):
-                if i == 5:
-                    a.close()  # the first coordinator goes away mid-run
+            for i in range(3):  # B is not even up: A serves
                 gid = local_gid()
                 Saga(client, gid, wait_result=True).add(busi.route("/out"), busi.route("/com"), {"n": i}).submit()
                 gids.append(gid)
+            tcc = Tcc(client, local_gid())
+            tcc.prepare()
+            tcc.call_branch({"n": 1}, busi.route("/try"), busi.route("/confirm"), busi.route("/cancel"))
+            a.close()  # A dies with the TCC prepared and one branch registered
+            with DtmTestServer(clock="real", sqlite_path=store, port=port_b) as b:
+                tcc.call_branch({"n": 2}, busi.route("/try"), busi.route("/confirm"), busi.route("/cancel"))
+                tcc.submit()  # registerBranch and submit went to B, which shares A's store
+                assert client.url == url_b
+                for i in range(3):
+                    gid = local_gid()
+                    Saga(client, gid, wait_result=True).add(busi.route("/out"), busi.route("/com"), {"n": i}).submit()
+                    gids.append(gid)
+                assert b.wait_final(tcc.gid).status == "succeed"
+                assert all(b.query(g).status == "succeed" for g in gids)  # type: ignore[union-attr]
         finally:
             client.close()
-        on_a = [g for g in gids if a.engine.store.get(g) is not None]
-        on_b = [g for g in gids if b.engine.store.get(g) is not None]
-        assert len(on_a) == 5 and len(on_b) == 7 and not set(on_a) & set(on_b)  # each submitted exactly once
-        assert all(b.query(g).status == "succeed" for g in on_b)  # type: ignore[union-attr]
-        assert len(busi.calls("/out")) == 12 and not busi.calls("/com")
+    assert sorted(c.branch_id for c in busi.calls("/confirm")) == ["01", "02"] and not busi.calls("/cancel")
+    assert len(busi.calls("/out")) == 6 and not busi.calls("/com")  # each saga ran once
+
+
+def test_the_async_client_fails_over_by_the_same_rules() -> None:
+    import asyncio
+
+    from dtmcli.asyncio import AsyncDtmClient
+    from dtmcli.asyncio import Saga as AsyncSaga
+
+    dead = f"http://127.0.0.1:{free_port()}/api/dtmsvr"
+    with BranchService() as busi, DtmTestServer() as live:
+
+        async def main() -> None:
+            async with AsyncDtmClient([dead, live.url], timeout=5) as client:
+                await AsyncSaga(client, "G-async").add(busi.route("/out"), "", {}).submit()
+                assert client.url == live.url and client.servers.down(time.monotonic()) == (dead,)
+
+        asyncio.run(main())
+        assert live.query("G-async") is not None

@@ -148,11 +148,11 @@ def test_a_refused_submit_goes_back_to_new_and_a_timed_out_one_does_not() -> Non
     assert (refused.state, lost.state) == ("new", "submitted")
 
 
-def test_the_state_moves_before_sending_so_a_second_submit_is_refused_meanwhile() -> None:
+def test_an_operation_in_flight_refuses_any_other_and_content_changes() -> None:
     s = saga()
     first = s._run_flow("submit", lambda: s._submit_flow(False))
     assert isinstance(next(first), Request)  # in flight
-    with pytest.raises(DtmInvalidInput, match="already submitted"):
+    with pytest.raises(DtmInvalidInput, match="a submit of saga G is in progress"):
         next(s._run_flow("submit", lambda: s._submit_flow(False)))
     with pytest.raises(DtmInvalidInput):
         s.add("http://b/x", "", {})
@@ -288,3 +288,40 @@ def test_the_async_driver_throws_a_cancellation_into_the_flow() -> None:
 
     asyncio.run(main())
     assert seen == ["cleanup", "http://x/cleanup"]
+
+
+def test_a_failed_prepare_in_flight_cannot_be_overtaken_by_a_submit() -> None:
+    """A submit started while a prepare is in flight is refused; else the prepare's rollback to ``new``
+    would reopen a submitted message to a second submit (both would be sent)."""
+    m = msg()
+    prepare = m._prepare_op("http://b/qp")
+    assert isinstance(next(prepare), Request)
+    with pytest.raises(DtmInvalidInput, match="a prepare of msg M is in progress"):
+        next(m._run_flow("submit", lambda: m._submit_flow(False)))
+    with pytest.raises(DtmTimeout):
+        prepare.throw(DtmTimeout("lost"))
+    assert m.state == "new"
+    script = Script(OK)
+    script.drive(m._run_flow("submit", lambda: m._submit_flow(False)))  # now it may be sent, once
+    assert script.paths() == ["submit"] and m.state == "submitted"
+
+
+def test_the_sync_msg_refuses_async_local_work_before_sending() -> None:
+    async def debit(barrier: Any) -> None:
+        raise AssertionError("never run")
+
+    m = Msg("http://127.0.0.1:9/api/dtmsvr", "M").add("http://b/in", {"a": 1})  # nothing listens: a send would fail
+    with pytest.raises(DtmInvalidInput, match="coroutine function"):
+        m.prepare_and_submit("http://b/qp", debit)
+    assert m.state == "new"
+
+
+def test_local_work_that_returns_a_coroutine_to_the_sync_driver_aborts() -> None:
+    async def debit() -> None:
+        raise AssertionError("never run")
+
+    coroutine = debit()
+    script, result = run_do_and_submit(lambda bb: coroutine, OK, coroutine, OK)
+    assert isinstance(result, DtmInvalidInput) and "did not run" in str(result)
+    assert script.paths() == ["prepare", "Call", "abort"]
+    assert coroutine.cr_frame is None  # closed: no "never awaited" warning
