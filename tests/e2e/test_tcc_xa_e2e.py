@@ -1,4 +1,5 @@
-"""TCC and XA end to end over real HTTP: dtmcli client → coordinator → BranchService.
+"""TCC and XA end to end over real HTTP: dtmcli client → coordinator → BranchService, with the sync API
+and with ``dtmcli.asyncio`` (each test runs in both flavours).
 
 Runs against the in-process coordinator, or a real DTM with ``--dtm-server``. The branch handlers
 are written with dtmcli's own branch-side helpers (``handle_query``, ``Tcc.from_query``,
@@ -7,14 +8,38 @@ are written with dtmcli's own branch-side helpers (``handle_query``, ``Tcc.from_
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import inspect
+from typing import Any, Awaitable, Callable
 
 import pytest
+from flavours import Flavour, both
 
-from dtmcli import BranchInfo, DtmFailure, Tcc, local_gid, register_xa_branch, tcc_global_transaction
-from dtmcli import xa_global_transaction as xa_global
+from dtmcli import BranchInfo, DtmFailure, Tcc, local_gid, register_xa_branch
 from dtmcli.branch import handle_query
 from dtmcli.testing import Answer, BranchService, Call, DtmFacade
+
+pytestmark = both
+
+
+async def aw(value: Any) -> Any:
+    """``value``, awaited when the flavour's call returned an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def run_global(flavour: Flavour, kind: str, dtm_url: str, gid: str, body: Callable[[Any], Awaitable[Any]]) -> None:
+    """Run ``body(trans)`` inside ``tcc_global_transaction``/``xa_global_transaction`` of the flavour."""
+    runner = getattr(flavour.m, f"{kind}_global_transaction")(dtm_url, gid)
+
+    async def main() -> None:
+        if flavour.is_async:
+            async with runner as trans:
+                await body(trans)
+        else:
+            with runner as trans:
+                await body(trans)
+
+    asyncio.run(main())
 
 
 def handler(func: Any) -> Any:
@@ -31,14 +56,17 @@ def ops(svc: BranchService, prefix: str) -> list[tuple[str, str, str]]:
     return [(c.path, c.branch_id, c.op) for c in svc.calls() if c.path.startswith(prefix)]
 
 
-def test_tcc_success_confirms_in_reverse(dtm: DtmFacade, branch_service: BranchService) -> None:
+def test_tcc_success_confirms_in_reverse(flavour: Flavour, dtm: DtmFacade, branch_service: BranchService) -> None:
     svc = branch_service
     urls = {n: svc.route(f"/tcc/{n}") for n in ("try1", "confirm1", "cancel1", "try2", "confirm2", "cancel2")}
     gid = local_gid()
-    with tcc_global_transaction(dtm.url, gid, timeout_to_fail=30) as tcc:
+
+    async def body(tcc: Any) -> None:
         for i in (1, 2):
-            reply = tcc.call_branch({"amount": i}, urls[f"try{i}"], urls[f"confirm{i}"], urls[f"cancel{i}"])
+            reply = await aw(tcc.call_branch({"amount": i}, urls[f"try{i}"], urls[f"confirm{i}"], urls[f"cancel{i}"]))
             assert reply.status == 200
+
+    run_global(flavour, "tcc", dtm.url, gid, body)
     assert dtm.wait_status(gid).status == "succeed"
     svc.wait_calls(1, "/tcc/confirm1")
     assert [(p, b, o) for p, b, o in ops(svc, "/tcc/") if o == "confirm"] == [
@@ -51,7 +79,7 @@ def test_tcc_success_confirms_in_reverse(dtm: DtmFacade, branch_service: BranchS
     assert not svc.calls("/tcc/cancel1")
 
 
-def test_tcc_try_failure_cancels_everything(dtm: DtmFacade, branch_service: BranchService) -> None:
+def test_tcc_try_failure_cancels_everything(flavour: Flavour, dtm: DtmFacade, branch_service: BranchService) -> None:
     svc = branch_service
     t1, c1, x1 = svc.route("/f/try1"), svc.route("/f/confirm1"), svc.route("/f/cancel1")
 
@@ -60,9 +88,13 @@ def test_tcc_try_failure_cancels_everything(dtm: DtmFacade, branch_service: Bran
 
     t2, c2, x2 = svc.route("/f/try2", handler(try2)), svc.route("/f/confirm2"), svc.route("/f/cancel2")
     gid = local_gid()
-    with pytest.raises(DtmFailure) as e, tcc_global_transaction(dtm.url, gid) as tcc:
-        tcc.call_branch({"n": 1}, t1, c1, x1)
-        tcc.call_branch({"n": 2}, t2, c2, x2)
+
+    async def body(tcc: Any) -> None:
+        await aw(tcc.call_branch({"n": 1}, t1, c1, x1))
+        await aw(tcc.call_branch({"n": 2}, t2, c2, x2))
+
+    with pytest.raises(DtmFailure) as e:
+        run_global(flavour, "tcc", dtm.url, gid, body)
     assert e.value.branch_id == "02"
     trans = dtm.wait_status(gid)
     assert trans.status == "failed"
@@ -75,7 +107,7 @@ def test_tcc_try_failure_cancels_everything(dtm: DtmFacade, branch_service: Bran
     assert not [c for c in svc.calls() if c.op == "confirm"]
 
 
-def test_nested_tcc_children_confirm_first(dtm: DtmFacade, branch_service: BranchService) -> None:
+def test_nested_tcc_children_confirm_first(flavour: Flavour, dtm: DtmFacade, branch_service: BranchService) -> None:
     svc = branch_service
     child_urls = [svc.route(f"/n/{n}") for n in ("try3", "confirm3", "cancel3")]
 
@@ -88,9 +120,12 @@ def test_nested_tcc_children_confirm_first(dtm: DtmFacade, branch_service: Branc
     t1, c1, x1 = (svc.route(f"/n/{n}") for n in ("try1", "confirm1", "cancel1"))
     c2, x2 = svc.route("/n/confirm2"), svc.route("/n/cancel2")
     gid = local_gid()
-    with tcc_global_transaction(dtm.url, gid) as tcc:
-        tcc.call_branch({"n": 1}, t1, c1, x1)
-        assert tcc.call_branch({"n": 2}, t2, c2, x2).data == {"dtm_result": "SUCCESS", "child": "0201"}
+
+    async def body(tcc: Any) -> None:
+        await aw(tcc.call_branch({"n": 1}, t1, c1, x1))
+        assert (await aw(tcc.call_branch({"n": 2}, t2, c2, x2))).data == {"dtm_result": "SUCCESS", "child": "0201"}
+
+    run_global(flavour, "tcc", dtm.url, gid, body)
     assert dtm.wait_status(gid).status == "succeed"
     svc.wait_calls(1, "/n/confirm1")
     assert [b for _, b, o in ops(svc, "/n/") if o == "confirm"] == ["0201", "02", "01"]
@@ -106,13 +141,16 @@ def xa_action(info: BranchInfo, call: Call) -> None:
         register_xa_branch(info)
 
 
-def test_xa_success_commits_in_order(dtm: DtmFacade, branch_service: BranchService) -> None:
+def test_xa_success_commits_in_order(flavour: Flavour, dtm: DtmFacade, branch_service: BranchService) -> None:
     svc = branch_service
     u1, u2 = svc.route("/xa/b1", handler(xa_action)), svc.route("/xa/b2", handler(xa_action))
     gid = local_gid()
-    with xa_global(dtm.url, gid) as xa:
-        xa.call_branch({"amount": 1}, u1)
-        xa.call_branch({"amount": 2}, u2)
+
+    async def body(xa: Any) -> None:
+        await aw(xa.call_branch({"amount": 1}, u1))
+        await aw(xa.call_branch({"amount": 2}, u2))
+
+    run_global(flavour, "xa", dtm.url, gid, body)
     assert dtm.wait_status(gid).status == "succeed"
     svc.wait_calls(2, "/xa/b2")
     assert [(p, b, o) for p, b, o in ops(svc, "/xa/")] == [
@@ -125,13 +163,19 @@ def test_xa_success_commits_in_order(dtm: DtmFacade, branch_service: BranchServi
     assert action.query["phase2_url"] == u1 and action.query["dtm"] == dtm.url
 
 
-def test_xa_failure_rolls_back_registered_branches(dtm: DtmFacade, branch_service: BranchService) -> None:
+def test_xa_failure_rolls_back_registered_branches(
+    flavour: Flavour, dtm: DtmFacade, branch_service: BranchService
+) -> None:
     svc = branch_service
     u1, u2 = svc.route("/xf/b1", handler(xa_action)), svc.route("/xf/b2", handler(xa_action))
     gid = local_gid()
-    with pytest.raises(DtmFailure), xa_global(dtm.url, gid) as xa:
-        xa.call_branch({"amount": 1}, u1)
-        xa.call_branch({"fail": True}, u2)
+
+    async def body(xa: Any) -> None:
+        await aw(xa.call_branch({"amount": 1}, u1))
+        await aw(xa.call_branch({"fail": True}, u2))
+
+    with pytest.raises(DtmFailure):
+        run_global(flavour, "xa", dtm.url, gid, body)
     trans = dtm.wait_status(gid)
     assert trans.status == "failed" and "local xa failed" in trans.rollback_reason
     svc.wait_calls(2, "/xf/b1")
