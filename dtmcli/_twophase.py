@@ -24,7 +24,7 @@ from ._consts import DEFAULT_DTM
 from ._flow import Call, Flow, run
 from ._ids import BranchIdGenerator
 from ._protocol import Response, go_trim
-from ._trans import NESTED, NEW, PREPARED_STATE, TransBase, TransCore
+from ._trans import ABORTED, NESTED, NEW, PREPARED_STATE, TransBase, TransCore
 from .client import DtmLike
 from .errors import DtmError, DtmInvalidInput, DtmServerError
 
@@ -36,6 +36,7 @@ __all__ = [
     "TwoPhaseTrans",
     "discard_awaitable",
     "global_transaction",
+    "refuse_not_awaitable",
     "refuse_sync",
     "rollback_reason_of",
 ]
@@ -61,6 +62,23 @@ class BranchReply(Response):
             return None
         value = self.json()
         return value if value is not None or self.content.strip() == b"null" else self.text
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside an exception group (``TaskGroup``, anyio), recursively; ``[exc]`` for any other."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and all(isinstance(e, BaseException) for e in inner):
+        return [leaf for e in inner for leaf in _leaves(e)]
+    return [exc]
+
+
+class _BodyExit(Exception):
+    """A GeneratorExit raised by a ``run()`` body itself (blocking driver). It must abort like any other
+    error; a GeneratorExit that reaches a flow untagged is its driver being closed (nothing more may run)."""
+
+    def __init__(self, exc: GeneratorExit) -> None:
+        super().__init__("GeneratorExit")
+        self.exc = exc
 
 
 def rollback_reason_of(exc: BaseException) -> str:
@@ -93,6 +111,7 @@ class TwoPhaseCore(TransCore):
         super().__init__(dtm, gid, **options)
         self._ids = BranchIdGenerator()
         self._branch_error: Optional[BaseException] = None
+        self._branch_interrupt: Optional[BaseException] = None  # the cancellation behind _branch_error
 
     def _nest_under(self, parent_branch_id: str) -> None:
         """Make this a nested transaction object: branches ``<parent>01``..., no prepare/submit/abort."""
@@ -106,7 +125,11 @@ class TwoPhaseCore(TransCore):
 
     @property
     def branch_error(self) -> Optional[BaseException]:
-        """The first error of a branch call that was sent; it dooms the transaction to abort."""
+        """The first error of a branch call that was sent; it dooms the transaction to abort.
+
+        A branch call interrupted by a cancellation (e.g. ``asyncio.wait_for`` around it) is noted as
+        a DtmError whose ``__cause__`` is that cancellation.
+        """
         return self._branch_error
 
     def _check_can_call(self) -> None:
@@ -116,19 +139,33 @@ class TwoPhaseCore(TransCore):
         if state not in (PREPARED_STATE, NESTED):
             raise DtmInvalidInput(f"the {self.trans_type} is already {state}", gid=self.gid)
 
-    def _record(self, exc: BaseException) -> None:
+    def _record(self, exc: BaseException, interrupt: Optional[BaseException] = None) -> None:
         with self._lock:
             if self._branch_error is None:
-                self._branch_error = exc
+                self._branch_error, self._branch_interrupt = exc, interrupt
 
-    def _recording(self, flow: Flow[V]) -> Flow[V]:
-        """Run ``flow`` (a branch call under way), noting its error as the transaction's doom."""
+    def _recording(self, flow: Flow[V], branch_id: str = "", op: str = "") -> Flow[V]:
+        """Run ``flow`` (a branch call under way), noting its error as the transaction's doom.
+
+        A cancellation is noted as a DtmError: the body may catch what it became (``wait_for``'s
+        TimeoutError) and exit cleanly, and the transaction is then aborted and that error raised;
+        raising the cancellation itself would look like a cancellation of a task nobody cancelled.
+        """
         try:
             return (yield from flow)
         except GeneratorExit:
             raise
         except BaseException as exc:
-            self._record(exc)
+            if isinstance(exc, Exception):
+                self._record(exc)
+            else:
+                error = DtmError(
+                    f"{self.trans_type} branch {branch_id} {op} call was interrupted by {type(exc).__name__} "
+                    "(a timeout around it?): its outcome is unknown, so the global transaction is aborted",
+                    gid=self.gid, branch_id=branch_id, op=op,
+                )
+                error.__cause__ = exc
+                self._record(error, exc)
             raise
 
     def _branch_flow(
@@ -152,22 +189,69 @@ class TwoPhaseCore(TransCore):
         """The driver's abort after a failed body (the async one shields it from cancellation)."""
         raise NotImplementedError
 
+    def _unsure_abort(self, reason: str) -> Any:
+        """The driver's abort after an interrupted prepare or submit: :meth:`_unsure_abort_flow`,
+        shielded from cancellation by the async driver."""
+        raise NotImplementedError
+
+    def _cancel_requested(self) -> bool:
+        """Whether the current task has a cancellation pending (asyncio only; see ``Task.cancelling``)."""
+        return False
+
+    def _unsure_abort_flow(self, reason: str) -> Flow[None]:
+        """Abort whatever the lifecycle state says (after an interrupted prepare or submit).
+
+        DTM may hold the transaction prepared without anyone left to finish it, so the abort spares
+        waiting for timeout_to_fail. It is safe whatever reached DTM: a transaction DTM already took
+        the submit of is not aborted (409), one it never got is unknown (500).
+        """
+        yield from self._abort_flow(reason)
+        with self._lock:
+            self._state = ABORTED
+
+    def _interrupted_flow(self, what: str, exc: BaseException) -> Flow[None]:
+        """After ``what`` (prepare or submit) was interrupted before DTM answered (a cancellation,
+        Ctrl-C): abort (:meth:`_unsure_abort_flow`); a failure of that abort is only logged."""
+        if isinstance(exc, Exception):
+            return  # DTM answered, or the flow already decided what the error means
+        try:
+            yield Call(self._unsure_abort, rollback_reason_of(exc))
+        except Exception as abort_exc:  # 409: DTM took the submit; 500: it never got the prepare
+            logger.info("%s %s: abort after an interrupted %s not done: %s", self.trans_type, self.gid, what, abort_exc)
+        else:
+            logger.warning("%s %s: %s interrupted by %s; aborted", self.trans_type, self.gid, what, type(exc).__name__)
+
     def _finish_flow(self, exc: Optional[BaseException]) -> Flow[None]:
         """Submit after a clean body; abort after an error (or an earlier failed branch call).
 
         The body's own exception is left to the caller to propagate; a failed abort is logged,
         never raised over it. After a clean body whose branch call failed (the body caught the
-        error), the transaction is aborted and that branch error is raised.
+        error), the transaction is aborted and that branch error is raised. A submit interrupted
+        before DTM answered is followed by an abort (:meth:`_unsure_abort_flow`).
         """
         cause = exc if exc is not None else self._branch_error
         if cause is None:
-            yield Call(self.submit)
+            try:
+                yield Call(self.submit)
+            except GeneratorExit:
+                raise
+            except BaseException as submit_exc:
+                yield from self._interrupted_flow("submit", submit_exc)
+                raise
             return
+        reason = cause
+        if exc is not None and self._branch_error is not None and any(
+            leaf is self._branch_error for leaf in _leaves(exc)
+        ):
+            reason = self._branch_error  # a TaskGroup's ExceptionGroup around the branch's own error
         try:
-            yield Call(self._cleanup_abort, rollback_reason_of(cause))
+            yield Call(self._cleanup_abort, rollback_reason_of(reason))
         except Exception as abort_exc:
             logger.error("%s %s: abort after %r failed: %s", self.trans_type, self.gid, cause, abort_exc)
         if exc is None:
+            interrupt = self._branch_interrupt
+            if interrupt is not None and (yield Call(self._cancel_requested)):
+                raise interrupt  # the body swallowed a cancellation of its own task: let it go on
             raise cause
 
 
@@ -203,6 +287,9 @@ class TwoPhaseTrans(TwoPhaseCore, TransBase):
     def _cleanup_abort(self, reason: str) -> None:
         self.abort(reason)
 
+    def _unsure_abort(self, reason: str) -> None:
+        self._drive(self._unsure_abort_flow(reason))
+
 
 # The global transactions entered (``with``) in the current thread or asyncio task, innermost last.
 # A ContextVar, not threading.local: asyncio tasks share a thread but each has its own context. It only
@@ -223,10 +310,21 @@ _ACTIVE: ContextVar[tuple[tuple[RunnerCore[Any], TwoPhaseCore], ...]] = ContextV
 )
 
 
+def _candidates(func: Any) -> tuple[Any, ...]:
+    return (func, func.__call__) if callable(func) else (func,)  # an object's async __call__ counts too
+
+
 def _is_async(func: Any) -> bool:
     """True for an ``async def`` (or async generator) function, also behind partial or ``__call__``."""
-    candidates = (func, func.__call__) if callable(func) else (func,)  # an object's async __call__ counts too
-    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in candidates)
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in _candidates(func))
+
+
+def _is_async_gen(func: Any) -> bool:
+    return any(inspect.isasyncgenfunction(f) for f in _candidates(func))
+
+
+def _is_lambda(func: Any) -> bool:
+    return inspect.isfunction(func) and func.__name__ == "<lambda>"
 
 
 def discard_awaitable(value: Any) -> bool:
@@ -289,17 +387,35 @@ class RunnerCore(Generic[T2]):
         _ACTIVE.set(tuple(a for a in active if a[0] is not self or a[1] in entered))
         return trans
 
+    def _begin_flow(self, trans: T2) -> Flow[None]:
+        """Prepare ``trans``; one interrupted before DTM answered is aborted (DTM may hold it)."""
+        try:
+            yield Call(trans.prepare)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            yield from trans._interrupted_flow("prepare", exc)
+            raise
+
     def _run_flow(self, body: Callable[[T2], Any]) -> Flow[Any]:
         """A new transaction: prepare, ``body(trans)``, then submit or abort (:meth:`TwoPhaseCore._finish_flow`).
 
         The body's error is re-raised after the abort.
         """
         trans = self._factory()  # kept here, not looked up: run never depends on the context
-        yield Call(trans.prepare)
+        yield from self._begin_flow(trans)
         try:
             result = yield Call(body, trans)
+            if inspect.isasyncgen(result):
+                raise DtmInvalidInput(
+                    f"{self._kind} body {_name_of(body)} returned an async generator, whose code never "
+                    "runs: use async def (await, return) instead", gid=trans.gid,
+                )
         except GeneratorExit:
-            raise
+            raise  # the async driver's coroutine is being closed: nothing more may be awaited
+        except _BodyExit as body_exit:
+            yield from trans._finish_flow(body_exit.exc)
+            raise body_exit.exc from None
         except BaseException as exc:
             yield from trans._finish_flow(exc)
             raise
@@ -335,7 +451,12 @@ class GlobalTransaction(RunnerCore[T2]):
 
     The body must be synchronous: ``async def`` functions are refused with DtmInvalidInput
     before anything is sent, since the transaction would be submitted before the coroutine runs.
-    Use :mod:`dtmcli.asyncio` (``async with``) for coroutines.
+    Use :mod:`dtmcli.asyncio` (``async with``) for coroutines. Inside a running event loop (an
+    ``async def`` handler) this blocking API stalls the loop for every round trip, and a branch
+    served by that same loop hangs until the timeout: use :mod:`dtmcli.asyncio` there too.
+
+    A prepare or submit interrupted before DTM answered (Ctrl-C; in asyncio, a cancellation) is
+    followed by an abort, since DTM may hold the transaction prepared with nobody to finish it.
     """
 
     def _refuse_async(self, func: Any, *, returned: bool = False) -> None:
@@ -348,7 +469,7 @@ class GlobalTransaction(RunnerCore[T2]):
 
     def __enter__(self) -> T2:
         trans = self._factory()
-        trans.prepare()
+        run(self._begin_flow(trans))
         return self._entered_now(trans)
 
     def __exit__(
@@ -358,11 +479,15 @@ class GlobalTransaction(RunnerCore[T2]):
 
     def _checked(self, callback: Callable[[T2], R]) -> Callable[[T2], R]:
         def body(trans: T2) -> R:
-            result = callback(trans)
+            try:
+                result = callback(trans)
+            except GeneratorExit as exc:  # the body's own: it aborts, as any error does
+                raise _BodyExit(exc) from None
             if discard_awaitable(result):
                 self._refuse_async(callback, returned=True)  # raised before the submit: aborts
             return result
 
+        body.__qualname__ = _name_of(callback)
         return body
 
     def run(self, callback: Callable[[T2], R]) -> R:
@@ -404,10 +529,30 @@ def global_transaction(
 
 
 def refuse_sync(kind: str, func: Any) -> None:
-    """The async runners take coroutine functions only: refuse anything else before anything is sent."""
-    if not _is_async(func):
+    """The async runners take coroutine functions: refuse anything else before anything is sent.
+
+    An async generator function is refused (its code would never run). A lambda passes: it cannot
+    be ``async``, and ``lambda t: work(t)`` returning a coroutine is fine; the driver checks that
+    what it returns is awaitable, before the submit.
+    """
+    if _is_async_gen(func):
+        raise DtmInvalidInput(
+            f"{kind} from dtmcli.asyncio cannot run the async generator function {_name_of(func)}: its code "
+            "would never run. Make it async def (await, return)"
+        )
+    if not _is_async(func) and not _is_lambda(func):
         raise DtmInvalidInput(
             f"{kind} from dtmcli.asyncio runs an async def function, not {_name_of(func)}: a plain def "
             "body would run without awaiting its branch calls. Make it async def, or use the dtmcli form"
+        )
+
+
+def refuse_not_awaitable(kind: str, func: Any, result: Any) -> None:
+    """The async runners' check of what a body returned (a lambda may return anything): refuse
+    anything that is not awaitable, before the submit (the transaction is aborted)."""
+    if not inspect.isawaitable(result):
+        raise DtmInvalidInput(
+            f"{kind} from dtmcli.asyncio: {_name_of(func)} returned {type(result).__name__}, not an awaitable; "
+            "the transaction is aborted. Use an async def body (or a lambda returning a coroutine)"
         )
 

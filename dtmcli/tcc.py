@@ -69,7 +69,8 @@ class TccCore(TwoPhaseCore):
         check_http_url(cancel_url, "tcc cancel URL", gid=self.gid, allow_empty=True)
         data = encode_payload(payload, gid=self.gid)
         branch_id = self._ids.next()
-        return self._recording(self._register_and_try(data, branch_id, try_url, confirm_url, cancel_url))
+        flow = self._register_and_try(data, branch_id, try_url, confirm_url, cancel_url)
+        return self._recording(flow, branch_id, OP_TRY)
 
     def _register_and_try(
         self, data: str, branch_id: str, try_url: str, confirm_url: str, cancel_url: str
@@ -145,6 +146,8 @@ def tcc_global_transaction(
 
     ``gid=None`` means a new local gid for each transaction. Options and gid are checked here,
     before anything is sent. The body must be a plain function: an ``async def`` raises
-    DtmInvalidInput here (its body would only run after the submit).
+    DtmInvalidInput here (its body would only run after the submit). Called from a coroutine,
+    this blocking form stalls the event loop (a branch served by that loop hangs until the
+    timeout): use :func:`dtmcli.asyncio.tcc_global_transaction` there.
     """
     return global_transaction(GlobalTransaction, Tcc, "tcc_global_transaction", dtm, gid, callback, options)

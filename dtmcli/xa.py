@@ -36,7 +36,8 @@ class XaCore(TwoPhaseCore):
         check_http_url(url, "xa branch URL", gid=self.gid)
         body = encode_payload(payload, gid=self.gid)
         branch_id = self._ids.next()
-        return self._recording(self._branch_flow(url, body, branch_id, OP_ACTION, phase2_url=url))
+        flow = self._branch_flow(url, body, branch_id, OP_ACTION, phase2_url=url)
+        return self._recording(flow, branch_id, OP_ACTION)
 
 
 class Xa(XaCore, TwoPhaseTrans):

@@ -8,6 +8,7 @@ carry SQL, and its length is checked against the server's limit.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
@@ -18,13 +19,14 @@ from .._flow import Call, Flow, StoreOp
 from .._validate import check_branch_id, check_gid
 from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
-from .sql import _insert_sql
+from .sql import _insert_sql, _select_reason_sql
 from .sql_conn import (
     MYSQL,
     POSTGRES,
     _DbApiAdapter,
     _driver_error,
     _error_code,
+    aborted_error,
     adapt,
     connection_from,
     is_async_connection,
@@ -85,14 +87,18 @@ def _info(query: Any) -> BranchInfo:
 
 def _statements(dialect: str, xid: str) -> dict[str, Optional[str]]:
     q = f"'{xid}'"  # safe: xid_of() allowed only [A-Za-z0-9_-]
+    # "abort_prepared": what else the abort runs once the PREPARE was sent (it may have run on the
+    # server: PostgreSQL's plain ROLLBACK cannot touch a prepared transaction; MySQL's XA ROLLBACK can).
     if dialect == MYSQL:
         return {
             "start": f"xa start {q}", "end": f"xa end {q}", "prepare": f"xa prepare {q}",
-            "abort": f"xa rollback {q}", OP_COMMIT: f"xa commit {q}", OP_ROLLBACK: f"xa rollback {q}",
+            "abort": f"xa rollback {q}", "abort_prepared": None,
+            OP_COMMIT: f"xa commit {q}", OP_ROLLBACK: f"xa rollback {q}",
         }
     return {
         "start": "begin", "end": None, "prepare": f"prepare transaction {q}",
-        "abort": "rollback", OP_COMMIT: f"commit prepared {q}", OP_ROLLBACK: f"rollback prepared {q}",
+        "abort": "rollback", "abort_prepared": f"rollback prepared {q}",
+        OP_COMMIT: f"commit prepared {q}", OP_ROLLBACK: f"rollback prepared {q}",
     }
 
 
@@ -129,8 +135,12 @@ def phase2_info(query: Any, table: str) -> BranchInfo:
 #
 # The store ``io`` a driver gives these flows has: ``set_autocommit(on)`` (returns the setting to
 # restore, or None when nothing changed or the driver has no such setting), ``exec(sql)`` (one
-# statement without parameters), ``execute(sql, params)`` (the row count), ``fetch_one`` and
+# statement without parameters; returns the server's command tag where the driver tells it, else
+# None), ``exec_shielded(sql)`` (the same, run to its end even when an asyncio caller is cancelled
+# meanwhile: the XA start and the abort), ``refuse_aborted()`` (PostgreSQL: raise when the
+# transaction is aborted), ``execute(sql, params)`` (the row count), ``fetch_one`` and
 # ``fetch_all(sql, params)``, ``commit()``, ``rollback()``; and ``transport`` for registerBranch.
+# The asyncio driver also runs ``set_autocommit`` to its end, so the caller's setting is restored.
 
 
 def _restore_flow(saved: Optional[bool], xid: str) -> Flow[None]:
@@ -157,13 +167,29 @@ def _with_autocommit(on: bool, xid: str, body: Flow[V]) -> Flow[V]:
     return result
 
 
-def _abort_local_flow(sql: Mapping[str, Optional[str]], ended: bool, xid: str) -> Flow[None]:
+def _abort_local_flow(
+    sql: Mapping[str, Optional[str]], ended: bool, xid: str, prepare_sent: bool = False
+) -> Flow[None]:
+    """Roll the local XA back: every step runs, even after one failed or the caller was cancelled
+    again (the cancellation is re-raised at the end), so no transaction is left open on the connection."""
     steps = [s for s in ((None if ended else sql["end"]), sql["abort"]) if s]
+    if prepare_sent and sql["abort_prepared"]:
+        steps.append(str(sql["abort_prepared"]))
+    interrupted: Optional[BaseException] = None
     for stmt in steps:
         try:
-            yield StoreOp("exec", stmt)
+            yield StoreOp("exec_shielded", stmt)
+        except GeneratorExit:
+            raise
         except Exception as err:  # the connection may be gone: the server then rolls the XA back itself
-            logger.warning("xa %s: %r during abort failed: %s", xid, stmt, err)
+            if stmt == sql["abort_prepared"] and is_unknown_xid(err):
+                logger.debug("xa %s: nothing was prepared", xid)
+            else:
+                logger.warning("xa %s: %r during abort failed: %s", xid, stmt, err)
+        except BaseException as exc:  # cancelled again: the statement itself ran to its end
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def local_transaction_flow(
@@ -171,11 +197,13 @@ def local_transaction_flow(
 ) -> Flow[Any]:
     """The local XA transaction of an xa action (protocol.md §9), as a flow.
 
-    Start, the barrier row (xa, gid, branch_id, action, 01), ``Call(busi, tx)``, ``register`` (the
-    registerBranch call), end, prepare — or, on any error, end and roll back, then re-raise (a lost
-    connection as BarrierDatabaseError). A barrier row already present means phase 2 rolled this
-    branch back first: DtmFailure, and ``busi`` does not run. Raises DtmInvalidInput now (nothing
-    runs) for an xid the dialect cannot hold.
+    Start, the barrier row (xa, gid, branch_id, action, 01), ``Call(busi, tx)``, on PostgreSQL the
+    aborted-transaction check, ``register`` (the registerBranch call), end, prepare (on PostgreSQL its
+    command tag must be PREPARE TRANSACTION) — or, on any error, end and roll back (once the prepare
+    was sent, also ROLLBACK PREPARED on PostgreSQL), then re-raise (a lost connection as
+    BarrierDatabaseError). A barrier row already present means phase 2 rolled this branch back
+    first: DtmFailure, and ``busi`` does not run. Raises DtmInvalidInput now (nothing runs) for an
+    xid the dialect cannot hold.
     """
     xid = xid_of(info.gid, info.branch_id, dialect)
     return _with_autocommit(dialect == POSTGRES, xid, _action_steps(info, dialect, table, xid, busi, tx, register))
@@ -186,27 +214,38 @@ def _action_steps(
 ) -> Flow[Any]:
     sql = _statements(dialect, xid)
     where = {"gid": info.gid, "branch_id": info.branch_id, "op": info.op}
-    started = ended = False
+    started = ended = prepare_sent = False
     try:
-        yield StoreOp("exec", sql["start"])
+        yield StoreOp("exec_shielded", sql["start"])
         started = True
         row = (XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ACTION)
         affected = yield StoreOp("execute", _insert_sql(dialect, table), row)
         if affected == 0:
             raise DtmFailure("xa branch was already rolled back (or done): its barrier row exists", **where)
         result = yield Call(busi, tx)
+        if inspect.isasyncgen(result):  # nothing of it ran; preparing would report work never done
+            raise DtmInvalidInput(
+                "the xa business function returned an async generator, which never runs its body: "
+                "use async def (await, return) instead", **where
+            )
+        if dialect == POSTGRES:
+            # An error the business code caught aborted the transaction; PREPARE would then be a quiet
+            # ROLLBACK, and the branch would report success for lost work.
+            yield StoreOp("refuse_aborted")
         yield from register
         if sql["end"]:
             yield StoreOp("exec", sql["end"])
-        ended = True
-        yield StoreOp("exec", sql["prepare"])
+        ended = prepare_sent = True
+        tag = yield StoreOp("exec", sql["prepare"])
+        if dialect == POSTGRES and tag is not None and str(tag).upper() != "PREPARE TRANSACTION":
+            raise aborted_error()  # belt and braces: the server rolled it back instead (tag ROLLBACK)
         logger.debug("xa %s prepared", xid)
         return result
     except GeneratorExit:
         raise
     except BaseException as exc:
         if started:
-            yield from _abort_local_flow(sql, ended, xid)
+            yield from _abort_local_flow(sql, ended, xid, prepare_sent)
         if isinstance(exc, Exception) and not isinstance(exc, DtmError) and is_connection_error(exc):
             raise map_db_error(exc, "xa local transaction") from exc
         raise
@@ -215,9 +254,13 @@ def _action_steps(
 def phase2_flow(info: BranchInfo, dialect: str, table: str) -> Flow[None]:
     """DTM's phase-2 call of an XA branch as a flow: commit or roll back ``<gid>-<branch_id>``.
 
-    An unknown xid (already done) is not an error, unless a commit finds it still prepared, held by
-    another session (BarrierConflict: DTM retries). After a rollback the barrier row (xa, gid,
-    branch_id, action, 01, reason rollback) is inserted and committed, so a late action cannot run.
+    An unknown xid is "already done" for a rollback. For a commit it is done only when the action's
+    barrier row (xa, gid, branch_id, action, 01, reason action), committed with the branch, is there:
+    a commit finding the xid still prepared in another session raises BarrierConflict (DTM retries),
+    one finding neither raises BarrierDatabaseError, since the branch's work was never prepared or
+    was rolled back, and answering success would make DTM report the global transaction succeeded.
+    After a rollback the barrier row (xa, gid, branch_id, action, 01, reason rollback) is inserted
+    and committed, so a late action cannot run.
     """
     xid = xid_of(info.gid, info.branch_id, dialect)
     return _with_autocommit(True, xid, _phase2_steps(info, dialect, table, xid))
@@ -230,14 +273,8 @@ def _phase2_steps(info: BranchInfo, dialect: str, table: str, xid: str) -> Flow[
     except Exception as exc:
         if not is_unknown_xid(exc):
             raise map_db_error(exc, f"xa {info.op}") from exc
-        if info.op == OP_COMMIT and (yield from _still_prepared_flow(dialect, xid)):
-            # MariaDB keeps a prepared XA attached to the session that prepared it until that
-            # session disconnects; answering success here would lose the committed work.
-            raise BarrierConflict(
-                f"xa {xid} is prepared but held by another session (was the action's connection "
-                "returned to a pool instead of closed?); DTM will retry the commit",
-                gid=info.gid, branch_id=info.branch_id, op=info.op,
-            ) from exc
+        if info.op == OP_COMMIT:
+            yield from _committed_before_flow(info, dialect, table, xid, exc)
         logger.debug("xa %s: %s found nothing to do (%s)", xid, info.op, exc)
     if info.op == OP_ROLLBACK:
         row = (XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ROLLBACK)
@@ -251,6 +288,37 @@ def _phase2_steps(info: BranchInfo, dialect: str, table: str, xid: str) -> Flow[
             except Exception as rb_exc:
                 logger.warning("xa %s: rollback of the barrier insert failed: %s", xid, rb_exc)
             raise map_db_error(exc, "xa rollback marker") from exc
+
+
+def _committed_before_flow(info: BranchInfo, dialect: str, table: str, xid: str, unknown: Exception) -> Flow[None]:
+    """A commit found no transaction ``xid``: return only when an earlier commit did it; raise otherwise."""
+    where = {"gid": info.gid, "branch_id": info.branch_id, "op": info.op}
+    if (yield from _still_prepared_flow(dialect, xid)):
+        # MariaDB keeps a prepared XA attached to the session that prepared it until that
+        # session disconnects; answering success here would lose the committed work.
+        raise BarrierConflict(
+            f"xa {xid} is prepared but held by another session (was the action's connection "
+            "returned to a pool instead of closed?); DTM will retry the commit", **where,
+        ) from unknown
+    try:
+        key = (info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID)
+        row = yield StoreOp("fetch_one", _select_reason_sql(table), key)
+    except Exception as exc:
+        raise map_db_error(exc, "xa commit: barrier row check") from exc
+    if row is not None and row[0] == OP_ACTION:
+        return  # committed together with the branch: an earlier commit did it
+    # The action's row commits with the branch's work: without it, nothing of the branch was
+    # committed (never prepared, or rolled back). Success would make DTM mark the global transaction
+    # succeeded with this branch's work lost; an error keeps it visible (DTM retries and alerts).
+    logger.error(
+        "xa %s: commit found no prepared transaction and no committed action barrier row in %s "
+        "(reason %r): the branch's work is lost; answering an error so DTM keeps the transaction open",
+        xid, table, row[0] if row is not None else None,
+    )
+    raise BarrierDatabaseError(
+        f"xa {xid}: commit found no prepared transaction and no committed action barrier row: the "
+        "branch's work was never prepared or was rolled back, and cannot be committed", **where,
+    ) from unknown
 
 
 def is_unknown_xid(exc: BaseException) -> bool:
@@ -348,12 +416,19 @@ class _XaIO:
             conn.autocommit = on
         return current
 
-    def exec(self, sql: str) -> None:
+    def exec(self, sql: str) -> Optional[str]:
         cur = self.conn.cursor()
         try:
             cur.execute(sql)
+            tag = getattr(cur, "statusmessage", None)  # psycopg2 / psycopg: the command tag
+            return tag if isinstance(tag, str) else None
         finally:
             cur.close()
+
+    exec_shielded = exec  # nothing to shield from in blocking code
+
+    def refuse_aborted(self) -> None:
+        self.adapter.refuse_aborted()
 
     def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         return self.adapter.execute(sql, params)
@@ -408,7 +483,10 @@ def xa_local_transaction(
     Steps: start, barrier row (xa, gid, branch_id, action, 01), ``busi``, registerBranch with DTM,
     end, prepare — or roll back on any error, which is re-raised. A barrier row already present
     means phase 2 rolled this branch back first: DtmFailure, and ``busi`` does not run.
-    ``busi`` must be a plain function (an awaitable it returns is refused, and rolled back).
+    ``busi`` must be a plain function (an awaitable it returns is refused, and rolled back). On
+    PostgreSQL a database error ``busi`` caught aborts the whole transaction, whose PREPARE would
+    quietly roll it back: that is refused before registering (BarrierDatabaseError), as is a
+    PREPARE the server answers with ROLLBACK; let such errors propagate, or use a savepoint.
     """
     with connection_from(conn) as dedicated:
         return _local_transaction(query, dedicated, busi, dtm=dtm, table=table, dialect=dialect)
@@ -434,10 +512,14 @@ def xa_handle_phase2(
 ) -> None:
     """Handle DTM's phase-2 call (``op=commit`` or ``op=rollback``) of an XA branch.
 
-    Commits or rolls back the prepared transaction ``<gid>-<branch_id>``; an unknown xid (already
-    done: MySQL errno 1397, PostgreSQL SQLSTATE 42704, whatever the server's message language) is
-    not an error, so repeats are harmless. ``conn`` is a connection or a factory, as for
-    :func:`xa_local_transaction`. After a rollback the barrier row
+    Commits or rolls back the prepared transaction ``<gid>-<branch_id>``; an unknown xid (MySQL
+    errno 1397, PostgreSQL SQLSTATE 42704, whatever the server's message language) means already
+    done, so repeats are harmless. For a commit that holds only when the action's barrier row
+    (xa, gid, branch_id, action, 01, reason action), committed with the branch's work as
+    :func:`xa_local_transaction` writes it, is there; without it the branch's work was never
+    prepared or was rolled back, and BarrierDatabaseError is raised (answered 500: DTM keeps
+    retrying and alerting, instead of marking the global transaction succeeded). ``conn`` is a
+    connection or a factory, as for :func:`xa_local_transaction`. After a rollback the barrier row
     (xa, gid, branch_id, action, 01, reason rollback) is inserted, so a late action cannot run.
     """
     info = phase2_info(query, table)

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Optional, TypeVar
 
 from .._consts import DEFAULT_DTM
 from .._flow import arun
-from .._twophase import T2, RunnerCore, TwoPhaseCore, refuse_sync
+from .._twophase import T2, RunnerCore, TwoPhaseCore, refuse_not_awaitable, refuse_sync
 from ._trans import AsyncTransBase
 from .client import AsyncDtmLike
 
@@ -26,21 +26,29 @@ R = TypeVar("R")
 _PENDING: set[asyncio.Task[None]] = set()
 
 
-def _report_late(task: asyncio.Task[None]) -> None:
+def _report_late(what: str, task: asyncio.Task[None]) -> None:
     _PENDING.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("abort finished after its caller was cancelled, and failed: %s", task.exception())
+    if task.cancelled():
+        # The event loop is shutting down (asyncio.run returning, a server stopping): it cancels
+        # every task left, this abort too, and DTM keeps the transaction prepared.
+        logger.warning(
+            "%s was cancelled before DTM answered (the event loop shut down?): DTM aborts the transaction "
+            "only after its timeout_to_fail", what,
+        )
+    elif task.exception() is not None:
+        logger.error("%s finished after its caller was cancelled, and failed: %s", what, task.exception())
 
 
-async def _shielded(abort: Coroutine[Any, Any, None]) -> None:
-    """Await ``abort`` so that cancelling the caller does not cancel it: it runs to its end regardless."""
+async def _shielded(abort: Coroutine[Any, Any, None], what: str = "abort") -> None:
+    """Await ``abort`` so that cancelling the caller does not cancel it: it runs on after a second
+    cancellation (until the event loop shuts down, which cancels it: that is logged)."""
     task = asyncio.ensure_future(abort)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
         if not task.done():
             _PENDING.add(task)
-            task.add_done_callback(_report_late)
+            task.add_done_callback(functools.partial(_report_late, what))
         raise
 
 
@@ -69,7 +77,15 @@ class AsyncTwoPhaseTrans(TwoPhaseCore, AsyncTransBase):
     def _cleanup_abort(self, reason: str) -> Awaitable[None]:
         # The abort after a failed or cancelled body must reach DTM even when the task is cancelled
         # (again) meanwhile: otherwise the transaction would wait for timeout_to_fail.
-        return _shielded(self.abort(reason))
+        return _shielded(self.abort(reason), f"abort of {self.trans_type} {self.gid}")
+
+    def _unsure_abort(self, reason: str) -> Awaitable[None]:
+        return _shielded(self._drive(self._unsure_abort_flow(reason)), f"abort of {self.trans_type} {self.gid}")
+
+    def _cancel_requested(self) -> bool:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        return bool(cancelling()) if cancelling is not None else False
 
 
 class AsyncGlobalTransaction(RunnerCore[T2]):
@@ -80,16 +96,22 @@ class AsyncGlobalTransaction(RunnerCore[T2]):
     * ``@gt`` decorates ``async def func(trans, *args, **kwargs)``; each call runs a new transaction.
     * ``await gt.run(callback)`` runs ``await callback(trans)`` in a new transaction and returns its result.
 
-    The body must be a coroutine function: a plain ``def`` is refused with DtmInvalidInput before
-    anything is sent. A cancellation (``asyncio.CancelledError``) of the body aborts the
-    transaction, shielded so that a second cancellation cannot stop the abort, then propagates.
+    The body must be a coroutine function (or a lambda returning a coroutine): a plain ``def`` or an
+    async generator function is refused with DtmInvalidInput before anything is sent. A
+    cancellation (``asyncio.CancelledError``) of the body aborts the transaction, shielded so that
+    a second cancellation cannot stop the abort, then propagates; the abort then runs on by itself
+    until DTM answers, unless the event loop shuts down first (``asyncio.run`` returning, a server
+    stopping), which cancels it: that is logged, and DTM aborts the transaction after its
+    ``timeout_to_fail``. A branch call cut off alone (``asyncio.wait_for`` around it) whose
+    TimeoutError the body catches also aborts, and the exit raises a DtmError naming the branch. A
+    prepare or submit cancelled before DTM answered is followed by a (shielded) abort.
     Entered by several tasks at once, each exit finishes the transaction its own task entered
     (see :class:`dtmcli.GlobalTransaction`).
     """
 
     async def __aenter__(self) -> T2:
         trans = self._factory()
-        await trans.prepare()
+        await arun(self._begin_flow(trans))
         return self._entered_now(trans)
 
     async def __aexit__(
@@ -98,13 +120,19 @@ class AsyncGlobalTransaction(RunnerCore[T2]):
         await arun(self._take_entered()._finish_flow(exc))
 
     async def _run(self, body: Callable[[T2], Awaitable[R]]) -> R:
-        result: R = await arun(self._run_flow(body))
+        def checked(trans: T2) -> Awaitable[R]:
+            awaitable = body(trans)
+            refuse_not_awaitable(self._kind, body, awaitable)  # raised before the submit: aborts
+            return awaitable
+
+        result: R = await arun(self._run_flow(checked))
         return result
 
     def run(self, callback: Callable[[T2], Awaitable[R]]) -> Awaitable[R]:
         """Run ``await callback(trans)`` in a new global transaction; await it for what the callback returns.
 
-        ``callback`` must be a coroutine function (checked now, before anything is sent).
+        ``callback`` must be a coroutine function, or a lambda returning a coroutine (checked now,
+        before anything is sent; what a lambda returns is checked before the submit).
         """
         refuse_sync(self._kind, callback)
         return self._run(callback)

@@ -22,6 +22,7 @@ from .._twophase import BranchReply, global_transaction
 from ..branch import BranchInfo
 from ..errors import DtmInvalidInput
 from ..xa import XaCore, register_xa_branch_flow, xa_registration
+from ._barrier_common import shielded
 from ._barrier_sql import adapt, connection_from
 from ._twophase import AsyncGlobalTransaction, AsyncTwoPhaseTrans
 from .client import AsyncDtmLike, as_async_client
@@ -129,6 +130,11 @@ class _AsyncXaIO:
         return int(conn.info.transaction_status) != 0  # psycopg.pq.TransactionStatus.IDLE
 
     async def set_autocommit(self, on: bool) -> Optional[bool]:
+        # Run to its end even if the caller is cancelled meanwhile, so that the caller's setting is
+        # restored on a dedicated connection (it is not closed afterwards).
+        return await shielded(self._set_autocommit(on))
+
+    async def _set_autocommit(self, on: bool) -> Optional[bool]:
         conn = self.conn
         if self.driver == "asyncpg" or getattr(conn, "closed", False):
             return None  # asyncpg: every statement outside an explicit BEGIN commits on its own
@@ -141,12 +147,26 @@ class _AsyncXaIO:
             await conn.set_autocommit(on)
         return current
 
-    async def exec(self, sql: str) -> None:
+    async def exec(self, sql: str) -> Optional[str]:
         if self.driver == "aiomysql":
             async with self.conn.cursor() as cur:
                 await cur.execute(sql)
-        else:
-            await self.conn.execute(sql)
+            return None
+        if self.driver == "asyncpg":
+            return str(await self.conn.execute(sql))  # the command tag
+        cur = await self.conn.execute(sql)
+        tag = getattr(cur, "statusmessage", None)
+        return tag if isinstance(tag, str) else None
+
+    async def exec_shielded(self, sql: str) -> Optional[str]:
+        # The XA start and the abort must not stop halfway: a cancelled abort would leave the XA open
+        # on a dedicated connection, holding its row locks until the application closes it (as the
+        # asyncio barrier shields its begin and rollback).
+        return await shielded(self.exec(sql))
+
+    async def refuse_aborted(self) -> None:
+        self.adapter.busi_ran = True  # asyncpg: probe with one statement (see _AsyncAdapter.refuse_aborted)
+        await self.adapter.refuse_aborted()
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         return await self.adapter.execute(sql, params)

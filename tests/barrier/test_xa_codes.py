@@ -73,7 +73,10 @@ def test_postgres_unknown_xid_in_german_is_already_done(pg: Any) -> None:
         pg.cursor().execute(f"commit prepared '{gid}-01'")
     pg.autocommit = False
     assert getattr(probe.value, "sqlstate", None) == "42704" and "does not exist" not in str(probe.value)
-    xa_handle_phase2(phase2(gid, "commit"), pg)
+    # Recognised as "no such xid" (else: "barrier xa commit failed"); with no committed action row the
+    # branch's work is lost, which a commit must not answer with success.
+    with pytest.raises(BarrierDatabaseError, match="no committed action barrier row"):
+        xa_handle_phase2(phase2(gid, "commit"), pg)
     xa_handle_phase2(phase2(gid, "rollback"), pg)
     assert reasons(pg, gid) == ["rollback"]
 
@@ -85,6 +88,8 @@ def test_postgres_real_prepared_commit_then_repeat_in_german(pg: Any) -> None:
     try:
         other.autocommit = True
         other.execute("begin")
+        other.execute("insert into dtm_barrier.barrier(trans_type, gid, branch_id, op, barrier_id, reason) "
+                      "values ('xa', %s, '01', 'action', '01', 'action')", (gid,))  # as the action writes it
         other.execute(f"prepare transaction '{gid}-01'")
     finally:
         other.close()
@@ -118,7 +123,8 @@ def test_mariadb_unknown_xid_with_translated_messages() -> None:
             conn.cursor().execute(f"xa commit '{gid}-01'")
         conn.autocommit(False)
         assert probe.value.args[0] == 1397 and "desconocido" in probe.value.args[1]
-        xa_handle_phase2(phase2(gid, "commit"), conn)
+        with pytest.raises(BarrierDatabaseError, match="no committed action barrier row"):  # not "failed"
+            xa_handle_phase2(phase2(gid, "commit"), conn)
         xa_handle_phase2(phase2(gid, "rollback"), conn)
         assert reasons(conn, gid) == ["rollback"]
     finally:
@@ -143,7 +149,9 @@ def test_mariadb_decision_uses_the_errno_not_the_text() -> None:
     conn = pymysql.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
                            database=MYSQL["database"], cursorclass=TextlessCursor)
     try:
-        xa_handle_phase2(phase2(local_gid(), "commit"), conn)
+        # Recognised as "no such xid" (else: "barrier xa commit failed"); no committed action row: an error.
+        with pytest.raises(BarrierDatabaseError, match="no committed action barrier row"):
+            xa_handle_phase2(phase2(local_gid(), "commit"), conn)
     finally:
         conn.close()
 

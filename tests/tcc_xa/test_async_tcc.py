@@ -18,7 +18,16 @@ from starlette.requests import Request
 from starlette.routing import Route
 from web_servers import serve_asgi
 
-from dtmcli import BranchInfo, DtmConnectError, DtmFailure, DtmInProgress, DtmInvalidInput, DtmOngoing, local_gid
+from dtmcli import (
+    BranchInfo,
+    DtmConnectError,
+    DtmError,
+    DtmFailure,
+    DtmInProgress,
+    DtmInvalidInput,
+    DtmOngoing,
+    local_gid,
+)
 from dtmcli import tcc_global_transaction as sync_tcc_global_transaction
 from dtmcli.asyncio import AsyncDtmClient
 from dtmcli.asyncio.tcc import Tcc, tcc_global_transaction
@@ -258,12 +267,18 @@ def test_plain_functions_are_refused_before_anything_is_sent() -> None:
     async def coroutine_body(tcc: Any) -> None:  # pragma: no cover - never called
         pass
 
+    async def generator_body(tcc: Any) -> Any:  # pragma: no cover - never called
+        yield tcc
+
     with pytest.raises(DtmInvalidInput, match=r"tcc_global_transaction .*plain.*async def"):
         tcc_global_transaction(url, None, plain)
     with pytest.raises(DtmInvalidInput, match="async def"):
         tcc_global_transaction(url)(plain)
-    with pytest.raises(DtmInvalidInput, match="async def"):
-        tcc_global_transaction(url, callback=lambda tcc: coroutine_body(tcc))
+    # m1: an async generator function's code would never run (the transaction was submitted empty).
+    with pytest.raises(DtmInvalidInput, match=r"async generator function .*generator_body"):
+        tcc_global_transaction(url, None, generator_body)
+    with pytest.raises(DtmInvalidInput, match="async generator function"):
+        tcc_global_transaction(url)(generator_body)
     # ... and the sync runner keeps refusing coroutine functions.
     with pytest.raises(DtmInvalidInput, match="coroutine function"):
         sync_tcc_global_transaction(url)(coroutine_body)
@@ -273,6 +288,36 @@ def test_plain_functions_are_refused_before_anything_is_sent() -> None:
         from dtmcli import DtmClient
 
         tcc_global_transaction(DtmClient(url))
+
+
+def test_a_lambda_returning_a_coroutine_runs_and_one_returning_anything_else_aborts(
+    dtm: DtmFacade, branch_service: BranchService
+) -> None:
+    """m1: ``run(lambda t: work(t))`` is awaited like an async def body (it used to be refused); a lambda
+    returning something that is not awaitable is refused before the submit, and the transaction aborted."""
+    try_url = branch_service.route("/l/try")
+    gids: list[str] = []
+
+    async def transfer(tcc: Tcc, amount: int) -> int:
+        gids.append(tcc.gid)
+        await tcc.call_branch({"amount": amount}, try_url, "", "")
+        return amount
+
+    async def main() -> tuple[int, int]:
+        ran = await tcc_global_transaction(dtm.url).run(lambda tcc: transfer(tcc, 30))
+        called = await tcc_global_transaction(dtm.url, None, lambda tcc: transfer(tcc, 40))
+        return ran, called
+
+    assert run(main) == (30, 40)
+    assert [dtm.wait_status(g).status for g in gids] == ["succeed", "succeed"]
+
+    async def not_awaitable() -> None:
+        await tcc_global_transaction(dtm.url).run(lambda tcc: gids.append(tcc.gid))
+
+    with pytest.raises(DtmInvalidInput, match="returned NoneType, not an awaitable"):
+        run(not_awaitable)
+    trans = dtm.wait_status(gids[-1])
+    assert trans.status == "failed" and "not an awaitable" in trans.rollback_reason
 
 
 def test_one_runner_entered_by_concurrent_tasks(dtm: DtmFacade, branch_service: BranchService) -> None:
@@ -394,3 +439,223 @@ def test_cancelled_body_aborts_shielded_and_reraises(dtm: DtmFacade, branch_serv
     svc.wait_calls(1, "/x/cancel1")
     assert sorted(ops(svc, "cancel")) == [("/x/cancel1", "01"), ("/x/cancel2", "02")]
     assert not ops(svc, "confirm")
+
+
+def test_a_branch_call_cut_off_by_a_timeout_the_body_caught_aborts_with_a_dtm_error(
+    dtm: DtmFacade, branch_service: BranchService
+) -> None:
+    """M1. ``wait_for`` cancels the slow try and the body catches its TimeoutError. The transaction is aborted,
+    and what is raised is a DtmError naming the branch, not the inner CancelledError: that one, raised in a
+    task nobody cancelled, escaped ``except Exception`` and a TaskGroup counted it as a cancelled child."""
+    svc = branch_service
+    urls = tcc_urls(svc, "/m1", 2, try2=Answer(delay=2))
+    gid = local_gid()
+    caught: list[str] = []
+
+    async def transfer() -> None:
+        async with tcc_global_transaction(dtm.url, gid) as tcc:
+            await tcc.call_branch({"n": 1}, *branch(urls, 1))
+            try:
+                await asyncio.wait_for(tcc.call_branch({"n": 2}, *branch(urls, 2)), 0.3)
+            except asyncio.TimeoutError:
+                caught.append("timeout")  # e.g. "try again later"
+
+    with pytest.raises(DtmError, match="tcc branch 02 try call was interrupted by CancelledError") as e:
+        run(transfer)
+    assert caught == ["timeout"] and isinstance(e.value.__cause__, asyncio.CancelledError)
+    assert (e.value.gid, e.value.branch_id, e.value.op) == (gid, "02", "try")
+    trans = dtm.wait_status(gid, ["failed"])
+    assert "branch 02 try call was interrupted" in trans.rollback_reason
+    svc.wait_calls(1, "/m1/cancel1")
+
+    if not hasattr(asyncio, "TaskGroup"):  # Python < 3.11
+        return
+    gid = local_gid()
+
+    async def in_a_task_group() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(transfer())
+
+    with pytest.raises(BaseExceptionGroup) as group_error:  # noqa: F821 - Python 3.11+
+        run(in_a_task_group)
+    assert [type(x) for x in group_error.value.exceptions] == [DtmError]  # a failure, not a "cancelled child"
+    assert dtm.wait_status(gid, ["failed"]).status == "failed"
+
+
+@pytest.mark.skipif(not hasattr(asyncio.Task, "cancelling"), reason="Task.cancelling is Python 3.11+")
+def test_a_cancellation_of_its_own_task_the_body_swallowed_is_still_raised(
+    dtm: DtmFacade, branch_service: BranchService
+) -> None:
+    """M1: only a cancellation of the branch call alone becomes a DtmError; one of the task itself (pending:
+    ``Task.cancelling()``), which the body caught, is re-raised after the abort, so the task still ends cancelled."""
+    urls = tcc_urls(branch_service, "/m1c", 2, try2=Answer(delay=2))
+    gid = local_gid()
+
+    async def main() -> None:
+        async with tcc_global_transaction(dtm.url, gid) as tcc:
+            await tcc.call_branch({"n": 1}, *branch(urls, 1))
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_later(0.3, task.cancel)
+            try:
+                await tcc.call_branch({"n": 2}, *branch(urls, 2))
+            except asyncio.CancelledError:
+                pass  # a bug of the body's, which the runner does not make worse
+
+    with pytest.raises(asyncio.CancelledError):
+        run(main)
+    assert dtm.wait_status(gid, ["failed"]).status == "failed"
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="asyncio.TaskGroup is Python 3.11+")
+def test_branches_in_a_task_group_abort_with_the_branch_answer_as_reason(
+    dtm: DtmFacade, branch_service: BranchService
+) -> None:
+    """m4: the rollback_reason is the failed branch's answer, as with gather, not the ExceptionGroup's text."""
+    urls = tcc_urls(branch_service, "/m4", 2, try2=(409, {"error": "insufficient balance"}))
+    reasons = {}
+    for form in ("gather", "TaskGroup"):
+        gid = local_gid()
+
+        async def main(form: str = form, gid: str = gid) -> None:
+            async with tcc_global_transaction(dtm.url, gid) as tcc:
+                calls = [tcc.call_branch({}, *branch(urls, 1)), tcc.call_branch({}, *branch(urls, 2))]
+                if form == "gather":
+                    await asyncio.gather(*calls)
+                else:
+                    async with asyncio.TaskGroup() as group:
+                        for call in calls:
+                            group.create_task(call)
+
+        with pytest.raises((DtmFailure, BaseExceptionGroup)):  # noqa: F821 - Python 3.11+
+            run(main)
+        reasons[form] = dtm.wait_status(gid, ["failed"]).rollback_reason
+    assert reasons["TaskGroup"] == reasons["gather"] and "insufficient balance" in reasons["gather"]
+
+
+class FailingAbort(SlowAbort):
+    """An ``/abort`` that fails after ``delay`` seconds."""
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        if url.endswith("/abort"):
+            assert self.abort_started is not None and self.aborted is not None
+            self.abort_started.set()
+            await asyncio.sleep(self.delay)
+            self.aborted.set()
+            raise DtmConnectError("injected: abort lost")
+        return await self.inner.request(method, url, **kwargs)
+
+
+@pytest.mark.parametrize("outcome", ["loop_shut_down", "abort_failed"])
+def test_an_abort_outliving_its_cancelled_caller_is_logged(
+    dtm: DtmFacade, branch_service: BranchService, outcome: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """m2. A body cancelled twice leaves its shielded abort running on its own. When ``asyncio.run`` returns
+    (or a server stops) before DTM answered, the loop cancels that abort: this used to go unlogged, with
+    the transaction ``aborted`` here and ``prepared`` on DTM until timeout_to_fail."""
+    urls = tcc_urls(branch_service, "/m2", 1)
+    gid = local_gid()
+    if outcome == "loop_shut_down":
+        transport: SlowAbort = SlowAbort(AsyncDtmClient(dtm.url).transport, delay=5)
+    else:
+        transport = FailingAbort(AsyncDtmClient(dtm.url).transport, delay=0.2)
+    client = AsyncDtmClient(dtm.url, transport=transport)
+
+    async def main() -> None:
+        transport.abort_started, transport.aborted = asyncio.Event(), asyncio.Event()
+        in_body = asyncio.Event()
+
+        async def body() -> None:
+            async with tcc_global_transaction(client, gid, timeout_to_fail=60) as tcc:
+                await tcc.call_branch({"n": 1}, *branch(urls, 1))
+                in_body.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(body())
+        await in_body.wait()
+        task.cancel()
+        await asyncio.wait_for(transport.abort_started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if outcome == "abort_failed":
+            await asyncio.wait_for(transport.aborted.wait(), 5)
+            await asyncio.sleep(0.05)  # the done callback
+
+    run(main)
+    if outcome == "loop_shut_down":
+        assert f"abort of tcc {gid} was cancelled before DTM answered" in caplog.text
+        assert "timeout_to_fail" in caplog.text
+    else:
+        assert f"abort of tcc {gid} finished after its caller was cancelled, and failed" in caplog.text
+    trans = dtm.query(gid)
+    assert trans is not None and trans.status == "prepared"
+
+
+class Gate:
+    """Wraps an async transport: the first request to a URL ending with ``suffix`` is held (and can be
+    cancelled) before it is sent (``before``), or after its answer came (``after``)."""
+
+    def __init__(self, inner: Any, suffix: str, when: str) -> None:
+        self.inner, self.suffix, self.when = inner, suffix, when
+        self.hit: Optional[asyncio.Event] = None
+        self.used = False
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        if self.used or not url.split("?")[0].endswith(self.suffix):
+            return await self.inner.request(method, url, **kwargs)
+        self.used = True
+        assert self.hit is not None
+        if self.when == "before":
+            self.hit.set()
+            await asyncio.Event().wait()
+        resp = await self.inner.request(method, url, **kwargs)
+        self.hit.set()
+        await asyncio.Event().wait()
+        return resp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "when", "status"),
+    [("/prepare", "after", "failed"), ("/prepare", "before", None),
+     ("/submit", "before", "failed"), ("/submit", "after", "succeed")],
+)
+def test_a_cancelled_prepare_or_submit_is_followed_by_an_abort(
+    dtm: DtmFacade, branch_service: BranchService, suffix: str, when: str, status: Optional[str]
+) -> None:
+    """m5. A prepare or submit cancelled before DTM answered: DTM may hold the transaction prepared, with
+    nobody left to finish it (the tries' reservations held until timeout_to_fail). An abort follows; it
+    is safe whatever reached DTM: a submitted transaction is not aborted (409), an unknown one is not (500)."""
+    urls = tcc_urls(branch_service, f"/m5{suffix}{when}", 1)
+    gid = local_gid()
+    gate = Gate(AsyncDtmClient(dtm.url).transport, suffix, when)
+    client = AsyncDtmClient(dtm.url, transport=gate)
+    seen: list[Tcc] = []
+
+    async def main() -> None:
+        gate.hit = asyncio.Event()
+
+        async def body() -> None:
+            async with tcc_global_transaction(client, gid, timeout_to_fail=60) as tcc:
+                seen.append(tcc)
+                await tcc.call_branch({"n": 1}, *branch(urls, 1))
+
+        task = asyncio.ensure_future(body())
+        await asyncio.wait_for(gate.hit.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main)
+    if status is None:
+        assert dtm.query(gid) is None and not seen
+        return
+    trans = dtm.wait_status(gid, [status])
+    assert trans.status == status
+    if suffix == "/submit":
+        assert seen[0].state == ("aborted" if status == "failed" else "submitted")
+        kind = "cancel" if status == "failed" else "confirm"
+        branch_service.wait_calls(1, f"/m5{suffix}{when}/{kind}1")

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from web_servers import serve_asgi
 
-from dtmcli import BranchInfo, DtmFailure, DtmInvalidInput, local_gid
+from dtmcli import BarrierDatabaseError, BranchInfo, DtmFailure, DtmInvalidInput, local_gid
 from dtmcli.asyncio.xa import (
     Xa,
     register_xa_branch,
@@ -139,8 +139,11 @@ def test_xa_callback_and_decorator_forms(dtm: DtmFacade, registering_branches: A
     decorated, status = run(main)
     assert status == 200
     assert dtm.wait_status(decorated).status == "succeed" and dtm.wait_status(gid).status == "succeed"
+    def plain(xa: Xa) -> None:  # pragma: no cover - never called
+        pass
+
     with pytest.raises(DtmInvalidInput, match="async def"):
-        xa_global_transaction(dtm.url)(lambda xa: None)
+        xa_global_transaction(dtm.url)(plain)
 
 
 ACTION = {"gid": "G1", "branch_id": "01", "trans_type": "xa", "op": "action", "phase2_url": "http://busi.test/xa"}
@@ -205,6 +208,33 @@ class Db:
             await conn.execute(sql.replace("%s, %s", "$1, $2"), user, amount)
         else:
             await conn.execute(sql, (user, amount))
+
+    async def debit(self, conn: Any, user: str, amount: int) -> None:
+        sql = f"update {self.balance} set balance = balance - %s where user_id = %s"
+        if self.driver == "aiomysql":
+            async with conn.cursor() as cur:
+                await cur.execute(sql, (amount, user))
+        elif self.driver == "asyncpg":
+            await conn.execute(sql.replace("%s", "$1", 1).replace("%s", "$2"), amount, user)
+        else:
+            await conn.execute(sql, (amount, user))
+
+    def open_account(self, user: str, balance: int) -> None:
+        cur = self.sync.cursor()
+        cur.execute(f"insert into {self.balance}(user_id, balance) values (%s, %s)", (user, balance))
+        cur.close()
+        self.sync.commit()
+
+    def in_transaction(self, conn: Any) -> bool:
+        """Whether ``conn`` still has a transaction open (a closed connection has none: the server ended it)."""
+        if self.driver == "aiomysql":
+            return not conn.closed and bool(conn.get_transaction_status())
+        if self.driver == "asyncpg":
+            return not conn.is_closed() and bool(conn.is_in_transaction())
+        return not conn.closed and int(conn.info.transaction_status) != 0
+
+    def is_closed(self, conn: Any) -> bool:
+        return bool(conn.is_closed() if self.driver == "asyncpg" else conn.closed)
 
     def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         cur = self.sync.cursor()
@@ -398,7 +428,167 @@ def test_an_async_partial_is_a_factory(db: Db) -> None:
     factory = functools.partial(Db.connect, db)
 
     async def main() -> None:
-        await xa_handle_phase2({**ACTION, "gid": gid, "op": "commit"}, factory, table=db.barrier)  # nothing to do
+        await xa_handle_phase2({**ACTION, "gid": gid, "op": "rollback"}, factory, table=db.barrier)
 
     run(main)
-    assert db.reasons(gid) == []
+    assert db.reasons(gid) == [("01", "rollback")]
+
+
+async def close(conn: Any) -> None:
+    closing = conn.close()
+    if asyncio.iscoroutine(closing):
+        await closing
+
+
+def test_local_xa_never_reports_success_for_work_a_caught_error_lost(dtm: DtmFacade, db: Db) -> None:
+    """C1. PostgreSQL aborts the whole transaction on an error the business code catches; PREPARE then quietly
+    rolled it back, the action answered success and phase 2's commit too: DTM marked the transfer succeeded
+    with the debit lost. Now the action fails before registering. MariaDB keeps the transaction after a
+    statement error: there the debit is prepared and committed as usual."""
+    from dtmcli import Xa
+
+    gid = db.new_gid()
+    user = f"{gid}-acct"
+    db.open_account(user, 100)
+    Xa(dtm.url, gid).prepare()
+    info = BranchInfo.from_query({**ACTION, "gid": gid, "dtm": dtm.url})
+
+    async def busi(conn: Any) -> str:
+        await db.debit(conn, user, 30)
+        try:
+            await db.add_balance(conn, user, 0)  # the "idempotent" ledger insert: duplicate key
+        except Exception:  # "already recorded": exactly the mistake under test
+            pass
+        return "debited"
+
+    async def main() -> None:
+        conn = await db.connect()
+        try:
+            if db.driver == "aiomysql":
+                assert await xa_local_transaction(info, conn, busi, table=db.barrier) == "debited"
+            else:
+                with pytest.raises(BarrierDatabaseError, match="aborted by a database error the business code"):
+                    await xa_local_transaction(info, conn, busi, table=db.barrier)
+                assert not db.in_transaction(conn)
+        finally:
+            await close(conn)  # MariaDB: phase 2 sees the prepared branch once its session is gone
+        await xa_handle_phase2({**ACTION, "gid": gid, "op": "commit"}, db.connect, table=db.barrier)
+
+    if db.driver == "aiomysql":
+        run(main)
+        assert db.balances(user) == {user: 70}
+        return
+    with pytest.raises(BarrierDatabaseError, match="no committed action barrier row"):  # phase 2: not "done"
+        run(main)
+    trans = dtm.query(gid)
+    assert trans is not None and trans.branches == ()  # never registered: DTM rolls nothing back
+    assert db.balances(user) == {user: 100} and not db.prepared(gid) and db.reasons(gid) == []
+
+
+def never_done(db: Db, user: str, ready: asyncio.Event) -> Callable[[Any], Awaitable[None]]:
+    async def busi(conn: Any) -> None:
+        await db.add_balance(conn, user, 10)
+        ready.set()
+        await asyncio.Event().wait()
+
+    return busi
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["abort", "slow_abort"])
+@pytest.mark.parametrize("cancel", ["anyio_scope", "storm"])
+def test_a_cancelled_local_xa_leaves_no_transaction_on_a_dedicated_connection(
+    db: Db, cancel: str, slow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """M2. The abort (XA END / XA ROLLBACK, ROLLBACK) and the autocommit restore run to their end, shielded,
+    when the task is cancelled again and again meanwhile (anyio's cancel scopes, as in Starlette/FastAPI,
+    cancel every await; a "storm" does so in plain asyncio). Before, the dedicated connection stayed inside
+    the XA holding its row locks, so DTM's phase-2 rollback waited on them, and every later use was refused.
+    ``slow_abort``: each abort statement waits a little before it is sent (a slow round trip)."""
+    import anyio
+
+    from dtmcli.asyncio import xa as axa
+
+    if slow:
+        statement = axa._AsyncXaIO.exec
+
+        async def slow_abort(self: Any, sql: str) -> Any:
+            if sql.startswith(("xa end", "xa rollback")) or sql == "rollback":
+                await asyncio.sleep(0.1)
+            return await statement(self, sql)
+
+        monkeypatch.setattr(axa._AsyncXaIO, "exec", slow_abort)
+    gid = db.new_gid()
+    user = f"{gid}-u"
+    info = BranchInfo.from_query({**ACTION, "gid": gid, "dtm": refused_url()})  # never reached
+
+    async def main() -> None:
+        conn = await db.connect()
+        autocommit = None if db.driver != "psycopg" else conn.autocommit
+        ready = asyncio.Event()
+        try:
+            if cancel == "anyio_scope":
+                with pytest.raises(TimeoutError):
+                    with anyio.fail_after(0.5):
+                        await xa_local_transaction(info, conn, never_done(db, user, ready), table=db.barrier)
+            else:
+                task = asyncio.ensure_future(
+                    xa_local_transaction(info, conn, never_done(db, user, ready), table=db.barrier))
+                await ready.wait()
+                while not task.done():
+                    task.cancel()
+                    await asyncio.sleep(0)
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert ready.is_set() and not db.in_transaction(conn)
+            if not db.is_closed(conn):
+                if autocommit is not None:
+                    assert conn.autocommit == autocommit  # the caller's setting is back
+                # The connection is usable again (it used to be refused: "has an open local transaction").
+                await xa_handle_phase2({**ACTION, "gid": gid, "op": "rollback"}, conn, table=db.barrier)
+                assert db.reasons(gid) == [("01", "rollback")]
+        finally:
+            await close(conn)
+
+    run(main)
+    assert db.balances(user) == {} and not db.prepared(gid)
+
+
+def test_a_cancel_once_prepare_ran_leaves_nothing_prepared(
+    dtm: DtmFacade, db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """m6. The task is cancelled after the server ran the PREPARE but before the driver returned. MariaDB's
+    XA ROLLBACK removes a prepared XA within the session; PostgreSQL's plain ROLLBACK could not, and the
+    prepared transaction held its locks until DTM's phase-2 rollback. Now ROLLBACK PREPARED follows."""
+    from dtmcli import Xa
+    from dtmcli.asyncio import xa as axa
+
+    statement = axa._AsyncXaIO.exec
+    prepared = asyncio.Event()
+
+    async def exec_then_hang(self: Any, sql: str) -> Any:
+        tag = await statement(self, sql)
+        if sql.startswith(("xa prepare", "prepare transaction")):
+            prepared.set()
+            await asyncio.Event().wait()
+        return tag
+
+    monkeypatch.setattr(axa._AsyncXaIO, "exec", exec_then_hang)
+    gid = db.new_gid()
+    user = f"{gid}-u"
+
+    Xa(dtm.url, gid).prepare()
+    info = BranchInfo.from_query({**ACTION, "gid": gid, "dtm": dtm.url})
+
+    async def busi(conn: Any) -> None:
+        await db.add_balance(conn, user, 10)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(xa_local_transaction(info, db.connect, busi, table=db.barrier))
+        await asyncio.wait_for(prepared.wait(), 10)
+        assert db.prepared(gid) == [f"{gid}-01"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main)
+    assert not db.prepared(gid) and db.balances(user) == {}

@@ -256,3 +256,67 @@ def test_an_inherited_entry_is_not_taken_for_the_exits_own(dtm: DtmFacade) -> No
         assert outer.state == inner.state == "prepared"
     assert outer.state == "submitted" and dtm.wait_status(outer.gid).status == "succeed"
     assert inner.state == "prepared"  # never submitted: DTM cancels it after timeout_to_fail
+
+
+# -- what the body raises or returns -----------------------------------------------------------------
+
+
+def test_a_generator_exit_from_a_run_body_aborts(dtm: DtmFacade) -> None:
+    """m3: as in 0.3 (and as the ``with`` form does), a GeneratorExit raised by a run()/decorator body
+    aborts the transaction; it was left prepared until timeout_to_fail."""
+    gids: list[str] = []
+
+    def body(tcc: Tcc) -> None:
+        gids.append(tcc.gid)
+        raise GeneratorExit
+
+    with pytest.raises(GeneratorExit):
+        tcc_global_transaction(dtm.url, None, body)
+    with pytest.raises(GeneratorExit):
+        xa_global_transaction(dtm.url)(body)()
+    for gid in gids:
+        trans = dtm.wait_status(gid)
+        assert trans.status == "failed" and trans.rollback_reason == "GeneratorExit"
+
+
+def test_a_lambda_returning_an_async_generator_aborts(dtm: DtmFacade) -> None:
+    """m1: an async generator is not awaitable, so it passed the check for coroutines, and the
+    transaction was submitted without its code having run."""
+    gids: list[str] = []
+
+    async def agen(tcc: Tcc) -> AsyncIterator[None]:  # pragma: no cover - never runs
+        yield None
+
+    with pytest.raises(DtmInvalidInput, match="async generator"):
+        tcc_global_transaction(dtm.url).run(lambda tcc: gids.append(tcc.gid) or agen(tcc))
+    trans = dtm.wait_status(gids[0])
+    assert trans.status == "failed" and "async generator" in trans.rollback_reason
+
+
+class InterruptedSubmit:
+    """Wraps a transport: the first ``/submit`` raises KeyboardInterrupt before anything is sent."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        if url.endswith("/submit"):
+            raise KeyboardInterrupt
+        return self.inner.request(method, url, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_interrupted_submit_is_followed_by_an_abort(dtm: DtmFacade) -> None:
+    """m5 (blocking flavour): Ctrl-C while the submit is sent leaves DTM holding the transaction prepared
+    (here nothing was sent); the abort that follows spares waiting for timeout_to_fail."""
+    from dtmcli import DtmClient
+
+    client = DtmClient(dtm.url, transport=InterruptedSubmit(DtmClient(dtm.url).transport))
+    seen: list[Tcc] = []
+    with pytest.raises(KeyboardInterrupt), tcc_global_transaction(client) as tcc:
+        seen.append(tcc)
+    assert seen[0].state == "aborted"
+    trans = dtm.wait_status(seen[0].gid)
+    assert trans.status == "failed" and trans.rollback_reason == "KeyboardInterrupt"

@@ -9,17 +9,18 @@ statements of protocol.md §9. The sync and asyncio classes run exactly these fl
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 from typing import Any, Callable, Optional
 
 import pytest
 
-from dtmcli import BranchInfo, DtmFailure, DtmInvalidInput, DtmOngoing, DtmTransportError
+from dtmcli import BranchInfo, DtmError, DtmFailure, DtmInvalidInput, DtmOngoing, DtmTransportError
 from dtmcli._barrier.xa import local_transaction_flow, phase2_flow, preflight_flow
 from dtmcli._flow import Call, Effect, Flow, Request, StoreOp
 from dtmcli._protocol import Response
-from dtmcli._twophase import BranchReply, RunnerCore, rollback_reason_of
+from dtmcli._twophase import BranchReply, RunnerCore, _BodyExit, rollback_reason_of
 from dtmcli.errors import BarrierConflict, BarrierDatabaseError, DtmServerError
 from dtmcli.tcc import Tcc, TccCore
 from dtmcli.xa import Xa, register_xa_branch_flow, xa_registration
@@ -129,6 +130,87 @@ def test_a_cancellation_during_the_abort_propagates() -> None:
     assert isinstance(outcome, asyncio.CancelledError)
 
 
+class Group(Exception):
+    """An exception group as anyio's backport or Python 3.11's ``ExceptionGroup`` hold their errors."""
+
+    def __init__(self, *exceptions: BaseException) -> None:
+        super().__init__(f"unhandled errors in a TaskGroup ({len(exceptions)} sub-exception)")
+        self.exceptions = exceptions
+
+
+def test_an_exception_group_around_the_branch_error_aborts_with_the_branch_reason() -> None:
+    """m4: a TaskGroup raises an ExceptionGroup; the reason is the branch's answer (as with gather)."""
+    tcc = prepared()
+    failure = DtmFailure("insufficient balance")
+    tcc._record(failure)
+    groups: list[BaseException] = [Group(failure), Group(Group(KeyError("k"), failure))]
+    if hasattr(builtins, "ExceptionGroup"):  # Python 3.11+
+        groups.append(builtins.ExceptionGroup("tg", [failure]))
+    for group in groups:
+        effects, _ = drive(tcc._finish_flow(group), lambda e: None)
+        assert [describe(e) for e in effects] == [("call", "_cleanup_abort", "insufficient balance")]
+    other = Group(KeyError("k"))  # the group is about something else: its own text
+    effects, _ = drive(tcc._finish_flow(other), lambda e: None)
+    assert [describe(e) for e in effects] == [("call", "_cleanup_abort", rollback_reason_of(other))]
+
+
+def test_a_body_that_caught_an_interrupted_branch_call_raises_a_dtm_error_not_the_cancellation() -> None:
+    """M1: the cancellation of one branch call (``wait_for``) is noted as a DtmError naming the branch; after
+    the clean body the transaction is aborted and that DtmError is raised, not a stray CancelledError."""
+    tcc = prepared()
+    cancelled = asyncio.CancelledError()
+    _, outcome = drive(tcc._call_branch_flow({}, f"{BUSI}/try", "", ""), lambda e: Raise(cancelled))
+    assert outcome is cancelled  # the call itself still ends cancelled (wait_for turns it into its TimeoutError)
+    effects, outcome = drive(tcc._finish_flow(None), lambda e: False if e.fn == tcc._cancel_requested else None)  # type: ignore[attr-defined]
+    assert type(outcome) is DtmError and outcome.__cause__ is cancelled
+    assert "branch 01 try call was interrupted by CancelledError" in str(outcome)
+    assert describe(effects[0])[:2] == ("call", "_cleanup_abort") and "interrupted" in describe(effects[0])[2]
+    # A cancellation of the task itself that the body swallowed (still pending) is raised again.
+    _, outcome = drive(tcc._finish_flow(None), lambda e: True if e.fn == tcc._cancel_requested else None)  # type: ignore[attr-defined]
+    assert outcome is cancelled
+
+
+@pytest.mark.parametrize("interruption", [asyncio.CancelledError(), KeyboardInterrupt()])
+def test_an_interrupted_submit_is_followed_by_an_abort(
+    interruption: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """m5: DTM may hold the transaction prepared with nobody left to finish it; an abort is safe whatever
+    reached DTM (a submitted transaction is not aborted: 409)."""
+    tcc = prepared()
+    effects, outcome = drive(tcc._finish_flow(None), lambda e: Raise(interruption) if e.fn == tcc.submit else None)  # type: ignore[attr-defined]
+    reason = rollback_reason_of(interruption)
+    assert [describe(e) for e in effects] == [("call", "submit"), ("call", "_unsure_abort", reason)]
+    assert outcome is interruption and "submit interrupted" in caplog.text
+    # DTM took the submit (409): logged, the interruption propagates.
+    effects, outcome = drive(tcc._finish_flow(None),
+                             lambda e: Raise(interruption if e.fn == tcc.submit else DtmFailure("cannot abort")))  # type: ignore[attr-defined]
+    assert outcome is interruption and len(effects) == 2
+    # An answer from DTM (an error the submit flow already judged) is no interruption: no abort.
+    effects, outcome = drive(tcc._finish_flow(None), lambda e: Raise(DtmTransportError("reset")))
+    assert [describe(e) for e in effects] == [("call", "submit")] and isinstance(outcome, DtmTransportError)
+
+
+def test_an_interrupted_prepare_is_followed_by_an_abort_and_the_body_never_runs() -> None:
+    runner = RunnerCore(lambda: Tcc(DTM, "G1"), "tcc_global_transaction")
+    cancelled = asyncio.CancelledError()
+    effects, outcome = drive(runner._run_flow(body_fn),
+                             lambda e: Raise(cancelled) if describe(e)[1] == "prepare" else None)
+    assert [describe(e)[1:] for e in effects] == [("prepare",), ("_unsure_abort", "CancelledError")]
+    assert outcome is cancelled
+
+
+def test_the_unsure_abort_posts_an_abort_whatever_the_state() -> None:
+    tcc = prepared()
+    tcc._state = "submitted"  # a cancelled submit "may have been sent"
+    effects, outcome = drive(tcc._unsure_abort_flow("CancelledError"), lambda e: OK)
+    assert outcome is None and tcc.state == "aborted"
+    assert describe(effects[0])[:2] == ("request", f"{DTM}/abort")
+    assert describe(effects[0])[3]["rollback_reason"] == "CancelledError"
+    tcc._state = "submitted"
+    _, outcome = drive(tcc._unsure_abort_flow("x"), lambda e: Response(409, b'{"dtm_result":"FAILURE"}'))
+    assert isinstance(outcome, DtmFailure) and tcc.state == "submitted"  # DTM took the submit first
+
+
 # -- branch calls -----------------------------------------------------------------------------------
 
 
@@ -162,8 +244,13 @@ def test_a_failed_try_is_typed_labelled_and_dooms_the_transaction(answer: Any, e
     tcc = prepared()
     answers = iter([OK, answer])
     _, outcome = drive(tcc._call_branch_flow({}, f"{BUSI}/try", "", ""), lambda e: next(answers))
-    assert type(outcome) is error and tcc.branch_error is outcome
-    if not isinstance(outcome, asyncio.CancelledError):
+    assert type(outcome) is error
+    if isinstance(outcome, asyncio.CancelledError):  # propagates; noted as a DtmError (M1, below)
+        noted = tcc.branch_error
+        assert type(noted) is DtmError and noted.__cause__ is outcome
+        assert (noted.gid, noted.branch_id, noted.op) == ("G1", "01", "try")
+    else:
+        assert tcc.branch_error is outcome
         assert (outcome.gid, outcome.branch_id, outcome.op) == ("G1", "01", "try")
 
 
@@ -268,6 +355,30 @@ def test_run_aborts_after_a_body_error_and_reraises_it() -> None:
     assert outcome is boom
 
 
+def test_run_aborts_after_a_generator_exit_the_body_raised() -> None:
+    """m3: the sync driver tags a GeneratorExit raised by the body (as 0.3 did, it aborts); an untagged one
+    is the async driver's coroutine being closed, and nothing more may be awaited then."""
+    runner = RunnerCore(lambda: Tcc(DTM, "G1"), "tcc_global_transaction")
+    exit_ = GeneratorExit()
+    effects, outcome = drive(runner._run_flow(body_fn), lambda e: Raise(_BodyExit(exit_)) if e.fn is body_fn else None)  # type: ignore[attr-defined]
+    assert [describe(e)[1:] for e in effects][2:] == [("_cleanup_abort", "GeneratorExit")]
+    assert outcome is exit_
+    effects, outcome = drive(runner._run_flow(body_fn), lambda e: Raise(GeneratorExit()) if e.fn is body_fn else None)  # type: ignore[attr-defined]
+    assert len(effects) == 2 and isinstance(outcome, GeneratorExit)
+
+
+def test_run_refuses_an_async_generator_before_the_submit() -> None:
+    """m1: the body returned an async generator, whose code never runs: abort instead of an empty submit."""
+
+    async def agen() -> Any:  # pragma: no cover - its body never runs
+        yield None
+
+    runner = RunnerCore(lambda: Tcc(DTM, "G1"), "tcc_global_transaction")
+    effects, outcome = drive(runner._run_flow(body_fn), lambda e: agen() if e.fn is body_fn else None)  # type: ignore[attr-defined]
+    assert isinstance(outcome, DtmInvalidInput) and "async generator" in str(outcome)
+    assert describe(effects[-1])[1] == "_cleanup_abort"
+
+
 def test_run_does_not_call_the_body_when_prepare_fails() -> None:
     runner = RunnerCore(lambda: Tcc(DTM, "G1"), "tcc_global_transaction")
     effects, outcome = drive(runner._run_flow(body_fn), lambda e: Raise(DtmFailure("cannot prepare")))
@@ -310,7 +421,7 @@ def test_local_xa_mysql_statements() -> None:
     effects, outcome = drive(local_flow("mysql"), xa_answers())
     assert outcome == "done"
     steps = [describe(e) for e in effects]
-    assert steps[:3] == [("store", "set_autocommit", False), ("store", "exec", "xa start 'G1-01'"),
+    assert steps[:3] == [("store", "set_autocommit", False), ("store", "exec_shielded", "xa start 'G1-01'"),
                          ("store", "execute", f"insert ignore into {TABLE}(trans_type, gid, branch_id, op, barrier_id, "
                           "reason) values(%s, %s, %s, %s, %s, %s)", barrier_row("action"))]
     assert steps[3] == ("call", "busi", "the-conn")
@@ -321,7 +432,7 @@ def test_local_xa_mysql_statements() -> None:
 def test_local_xa_postgres_statements_restore_autocommit() -> None:
     effects, outcome = drive(local_flow("postgres"), xa_answers(saved=False))
     steps = [describe(e) for e in effects]
-    assert steps[0] == ("store", "set_autocommit", True) and steps[1] == ("store", "exec", "begin")
+    assert steps[0] == ("store", "set_autocommit", True) and steps[1] == ("store", "exec_shielded", "begin")
     assert "on conflict (gid, branch_id, op, barrier_id) do nothing" in steps[2][2]
     assert steps[-2:] == [("store", "exec", "prepare transaction 'G1-01'"), ("store", "set_autocommit", False)]
     assert outcome == "done"
@@ -332,29 +443,121 @@ def test_local_xa_business_error_rolls_back_without_registering() -> None:
     effects, outcome = drive(local_flow("mysql"), xa_answers(busi_error=boom, saved=True))
     steps = [describe(e) for e in effects]
     assert not any(s[0] == "request" for s in steps)
-    assert steps[-3:] == [("store", "exec", "xa end 'G1-01'"), ("store", "exec", "xa rollback 'G1-01'"),
-                          ("store", "set_autocommit", True)]
+    assert steps[-3:] == [("store", "exec_shielded", "xa end 'G1-01'"),
+                          ("store", "exec_shielded", "xa rollback 'G1-01'"), ("store", "set_autocommit", True)]
     assert outcome is boom
 
 
 def test_local_xa_refused_registration_rolls_back() -> None:
     effects, outcome = drive(local_flow("postgres"), xa_answers(register=Response(409, b'{"dtm_result":"FAILURE"}')))
     assert isinstance(outcome, DtmFailure)
-    assert [describe(e) for e in effects][-1] == ("store", "exec", "rollback")
+    assert [describe(e) for e in effects][-1] == ("store", "exec_shielded", "rollback")
 
 
 def test_local_xa_after_phase2_rollback_refuses_without_running_busi() -> None:
     effects, outcome = drive(local_flow("mysql"), xa_answers(affected=0))
     assert isinstance(outcome, DtmFailure) and "already rolled back" in str(outcome)
     assert not any(isinstance(e, (Call, Request)) for e in effects)
-    assert describe(effects[-1]) == ("store", "exec", "xa rollback 'G1-01'")
+    assert describe(effects[-1]) == ("store", "exec_shielded", "xa rollback 'G1-01'")
 
 
 def test_local_xa_cancellation_rolls_back_and_propagates() -> None:
     effects, outcome = drive(local_flow("mysql"), xa_answers(busi_error=asyncio.CancelledError()))
     assert isinstance(outcome, asyncio.CancelledError)
-    assert [describe(e) for e in effects][-2:] == [("store", "exec", "xa end 'G1-01'"),
-                                                   ("store", "exec", "xa rollback 'G1-01'")]
+    assert [describe(e) for e in effects][-2:] == [("store", "exec_shielded", "xa end 'G1-01'"),
+                                                   ("store", "exec_shielded", "xa rollback 'G1-01'")]
+
+
+def test_local_xa_postgres_refuses_an_aborted_transaction_before_registering() -> None:
+    """C1: a database error the business code caught aborts a PostgreSQL transaction; PREPARE would then be a
+    quiet ROLLBACK. The check comes after the business function and before registerBranch."""
+    aborted = BarrierDatabaseError("the transaction was aborted by a database error the business code caught")
+
+    def answer(effect: Effect) -> Any:
+        if isinstance(effect, StoreOp) and effect.name == "refuse_aborted":
+            return Raise(aborted)
+        return xa_answers()(effect)
+
+    effects, outcome = drive(local_flow("postgres"), answer)
+    steps = [describe(e) for e in effects]
+    assert outcome is aborted
+    assert steps[3:] == [("call", "busi", "the-conn"), ("store", "refuse_aborted"),
+                         ("store", "exec_shielded", "rollback")]  # not registered, nothing prepared
+    assert ("store", "refuse_aborted") not in [describe(e) for e in drive(local_flow("mysql"), xa_answers())[0]]
+
+
+@pytest.mark.parametrize("tag", ["ROLLBACK", "rollback", ""])
+def test_local_xa_postgres_prepare_answered_rollback_is_an_error(tag: str) -> None:
+    """C1, belt and braces: PREPARE TRANSACTION that answers another command tag prepared nothing."""
+
+    def answer(effect: Effect) -> Any:
+        if describe(effect)[1:] == ("exec", "prepare transaction 'G1-01'"):
+            return tag
+        return xa_answers()(effect)
+
+    effects, outcome = drive(local_flow("postgres"), answer)
+    assert isinstance(outcome, BarrierDatabaseError) and "aborted" in str(outcome)
+    steps = [describe(e) for e in effects]
+    assert steps[-3:] == [("store", "exec", "prepare transaction 'G1-01'"), ("store", "exec_shielded", "rollback"),
+                          ("store", "exec_shielded", "rollback prepared 'G1-01'")]
+    _, outcome = drive(local_flow("postgres"), lambda e: "PREPARE TRANSACTION" if describe(e)[1] == "exec"
+                       else xa_answers()(e))
+    assert outcome == "done"
+
+
+def test_local_xa_postgres_abort_after_the_prepare_was_sent_rolls_the_prepared_xact_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """m6: a cancellation (or error) once PREPARE was sent may find it done on the server: a plain ROLLBACK
+    cannot remove a prepared transaction, ROLLBACK PREPARED can; "no such xid" there is quiet."""
+    caplog.set_level(logging.DEBUG, "dtmcli")
+
+    def answer(effect: Effect) -> Any:
+        step = describe(effect)[1:]
+        if step == ("exec", "prepare transaction 'G1-01'"):
+            return Raise(asyncio.CancelledError())
+        if step == ("exec_shielded", "rollback prepared 'G1-01'"):
+            return Raise(FakePgError("42704"))
+        return xa_answers()(effect)
+
+    effects, outcome = drive(local_flow("postgres"), answer)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert [describe(e) for e in effects][-2:] == [("store", "exec_shielded", "rollback"),
+                                                   ("store", "exec_shielded", "rollback prepared 'G1-01'")]
+    assert "during abort failed" not in caplog.text and "nothing was prepared" in caplog.text
+    # Before the PREPARE was sent (here: registerBranch refused), a plain ROLLBACK is all there is.
+    effects, _ = drive(local_flow("postgres"), xa_answers(register=Response(409, b'{"dtm_result":"FAILURE"}')))
+    assert not any("rollback prepared" in str(describe(e)) for e in effects)
+
+
+def test_local_xa_abort_runs_every_step_when_cancelled_again() -> None:
+    """M2: a second cancellation arriving during one abort statement (which itself runs to its end, shielded)
+    does not skip the next: XA END without XA ROLLBACK would leave the XA open, holding its locks."""
+    second = asyncio.CancelledError("again")
+
+    def answer(effect: Effect) -> Any:
+        if describe(effect)[1:] == ("exec_shielded", "xa end 'G1-01'"):
+            return Raise(second)
+        return xa_answers(busi_error=asyncio.CancelledError("first"), saved=True)(effect)
+
+    effects, outcome = drive(local_flow("mysql"), answer)
+    assert outcome is second
+    assert [describe(e) for e in effects][-3:] == [("store", "exec_shielded", "xa end 'G1-01'"),
+                                                   ("store", "exec_shielded", "xa rollback 'G1-01'"),
+                                                   ("store", "set_autocommit", True)]
+
+
+def test_local_xa_refuses_an_async_generator_business_function() -> None:
+    """m1: an async generator's body never runs: preparing it would report work that was never done."""
+
+    async def agen(tx: Any) -> Any:  # pragma: no cover - its body never runs
+        yield tx
+
+    register = register_xa_branch_flow(Xa(DTM).client, xa_registration(ACTION))
+    effects, outcome = drive(local_transaction_flow(ACTION, "mysql", TABLE, agen, "the-conn", register), xa_answers())
+    assert isinstance(outcome, DtmInvalidInput) and "async generator" in str(outcome)
+    assert not any(isinstance(e, Request) for e in effects)
+    assert describe(effects[-1]) == ("store", "exec_shielded", "xa rollback 'G1-01'")
 
 
 def test_local_xa_rejects_an_xid_the_server_cannot_hold() -> None:
@@ -368,6 +571,17 @@ class FakeDbError(Exception):
 
 
 FakeDbError.__module__ = "pymysql.err"
+
+
+class FakePgError(Exception):
+    """A PostgreSQL driver error as the error mapping reads it (module psycopg, ``sqlstate``)."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+FakePgError.__module__ = "psycopg.errors"
 
 
 def phase2(op: str) -> BranchInfo:
@@ -385,26 +599,49 @@ def test_phase2_commit_and_rollback_marker() -> None:
     assert steps[3] == ("store", "commit")
 
 
+def unknown_xid_answers(unknown: BaseException, *, held: bool = False,
+                        reason: Optional[str] = "action") -> Callable[[Effect], Any]:
+    """Phase 2 finding no xid: XA RECOVER lists it (``held``) or not; the action's barrier row has ``reason``."""
+    def a(e: Effect) -> Any:
+        if describe(e)[1] == "exec":
+            return Raise(unknown)
+        if describe(e)[1] == "fetch_all":
+            return [(1, 5, 0, b"G1-01" if held else b"other")]
+        if describe(e)[1] == "fetch_one" and "pg_prepared_xacts" not in describe(e)[2]:
+            return None if reason is None else (reason,)
+        return None
+
+    return a
+
+
 def test_phase2_unknown_xid_is_done_unless_still_held() -> None:
     unknown = FakeDbError(1397, "XAER_NOTA: Unknown XID")
-
-    def answer(held: bool) -> Callable[[Effect], Any]:
-        def a(e: Effect) -> Any:
-            if describe(e)[1] == "exec":
-                return Raise(unknown)
-            if describe(e)[1] == "fetch_all":
-                return [(1, 5, 0, b"G1-01" if held else b"other")]
-            return None
-
-        return a
-
-    _, outcome = drive(phase2_flow(phase2("commit"), "mysql", TABLE), answer(False))
+    effects, outcome = drive(phase2_flow(phase2("commit"), "mysql", TABLE), unknown_xid_answers(unknown))
     assert outcome is None
-    _, outcome = drive(phase2_flow(phase2("commit"), "mysql", TABLE), answer(True))
+    assert describe(effects[-1]) == ("store", "fetch_one", f"select reason from {TABLE} where gid = %s and "
+                                     "branch_id = %s and op = %s and barrier_id = %s", ("G1", "01", "action", "01"))
+    _, outcome = drive(phase2_flow(phase2("commit"), "mysql", TABLE), unknown_xid_answers(unknown, held=True))
     assert isinstance(outcome, BarrierConflict) and outcome.__cause__ is unknown
     _, outcome = drive(phase2_flow(phase2("commit"), "mysql", TABLE),
                        lambda e: Raise(FakeDbError(1205, "lock wait")) if describe(e)[1] == "exec" else None)
     assert type(outcome).__name__ == "BarrierConflict"  # a retryable error, mapped
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "postgres"])
+@pytest.mark.parametrize("reason", [None, "rollback"])
+def test_phase2_commit_of_work_never_prepared_is_an_error_not_success(
+    dialect: str, reason: Optional[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No xid and no committed action row: the branch's work is lost (e.g. PostgreSQL turned the PREPARE into
+    a ROLLBACK). Answering success would let DTM mark the global transaction succeeded."""
+    unknown = FakeDbError(1397, "XAER_NOTA") if dialect == "mysql" else FakePgError("42704")
+    _, outcome = drive(phase2_flow(phase2("commit"), dialect, TABLE), unknown_xid_answers(unknown, reason=reason))
+    assert isinstance(outcome, BarrierDatabaseError) and "no committed action barrier row" in str(outcome)
+    assert outcome.__cause__ is unknown and (outcome.gid, outcome.branch_id, outcome.op) == ("G1", "01", "commit")
+    assert "the branch's work is lost" in caplog.text
+    _, outcome = drive(phase2_flow(phase2("rollback"), dialect, TABLE),  # a rollback has nothing to lose
+                       lambda e: Raise(unknown) if describe(e)[1] == "exec" else 1)
+    assert outcome is None
 
 
 def test_phase2_failing_marker_is_rolled_back_and_typed(caplog: pytest.LogCaptureFixture) -> None:
