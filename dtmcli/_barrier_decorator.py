@@ -16,9 +16,10 @@ import typing
 from typing import Any, Callable, Optional, Union
 
 from ._barrier.branch_barrier import BranchBarrier
+from ._barrier.core import validate_table
 from ._barrier.sql_conn import _is_factory as is_factory
 from ._consts import RESULT_SUCCESS
-from ._dbkind import ASYNC, SYNC, kind_of
+from ._dbkind import ASYNC, SYNC, async_backend_supports, kind_of
 from .branch import (
     BranchInfo,
     BranchResponse,
@@ -30,7 +31,7 @@ from .branch import (
 )
 from .errors import DtmInvalidInput
 
-__all__ = ["SyncAsyncMismatch", "barrier", "checked_sync_source", "db_kind", "is_async_db"]
+__all__ = ["SyncAsyncMismatch", "barrier", "check_async_source", "checked_sync_source", "db_kind", "is_async_db"]
 
 logger = logging.getLogger("dtmcli")
 
@@ -59,11 +60,18 @@ def db_kind(db: Any) -> Optional[str]:
         db = db.func
     if inspect.iscoroutinefunction(db):
         return ASYNC
-    if inspect.ismethod(db):
-        return db_kind(db.__self__)
+    return kind_of(*_origin(db))
+
+
+def _origin(db: Any) -> tuple[str, str]:
+    """The module and class (or function) name a database source comes from (methods: their object's)."""
+    while isinstance(db, functools.partial):
+        db = db.func
+    while inspect.ismethod(db):
+        db = db.__self__
     if isinstance(db, type) or inspect.isfunction(db) or inspect.isbuiltin(db):
-        return kind_of(getattr(db, "__module__", None) or "", getattr(db, "__name__", ""))
-    return kind_of(type(db).__module__, type(db).__name__)
+        return getattr(db, "__module__", None) or "", getattr(db, "__name__", "")
+    return type(db).__module__, type(db).__name__
 
 
 def is_async_db(db: Any) -> bool:
@@ -98,6 +106,30 @@ def _mismatch(db: Any, async_handler: bool, kind: Optional[str]) -> SyncAsyncMis
         f"db {what} is synchronous and would block the event loop of this async def handler: use an async "
         "driver (asyncpg, aiomysql, psycopg AsyncConnection, SQLAlchemy async) or make the handler a plain def"
     )
+
+
+def check_async_source(db: Any, backend: str) -> None:
+    """Refuse, when decorating an ``async def`` handler, a database the asyncio barrier cannot use.
+
+    A driver it has no adapter for (aiopg, asyncmy, aiosqlite, motor) would answer 500 on every
+    call. A single SQL connection or session (``db`` is fixed when decorating) would be shared by
+    every concurrent request of the event loop, and one connection runs one transaction at a time.
+    """
+    module, name = _origin(db)
+    if not async_backend_supports(module, name, backend):
+        hint = ("an asyncpg, aiomysql, psycopg (async) or SQLAlchemy async database" if backend == "sql"
+                else "pymongo's AsyncMongoClient")
+        raise DtmInvalidInput(f"the asyncio {backend} barrier cannot use {_describe(db)}: use {hint}")
+    if backend == "sql":
+        from .asyncio._barrier_sql import SINGLE, source_shape
+
+        if source_shape(db) == SINGLE:
+            raise DtmInvalidInput(
+                f"db {_describe(db)} is a single connection or session, which every concurrent request of this "
+                "async def handler would share (one connection runs one transaction at a time): pass a pool, an "
+                "AsyncEngine, an async_sessionmaker or a factory (e.g. psycopg_pool's pool.connection), or "
+                "db_arg= naming the handler's per-request connection argument"
+            )
 
 
 def _check_at_call(db: Any, async_handler: bool) -> None:
@@ -155,20 +187,30 @@ def barrier(
     """Decorate a branch handler so it runs once per branch op, inside the barrier transaction.
 
     ``db`` is where the connection comes from: a connection factory or pool's ``connect``
-    (opened per call, closed after), a SQLAlchemy Engine, a connection/Session, ``"django"`` /
-    ``"django:<alias>"``, or — with ``backend="mongo"`` — a MongoClient. Or name the handler's own
-    argument holding it with ``db_arg`` (a FastAPI dependency; the handler still receives it). The
-    handler gets the transaction object as the keyword ``tx_arg`` (the connection, Session or Mongo
+    (opened per call, closed after), a SQLAlchemy Engine, ``"django"`` / ``"django:<alias>"``, or
+    — with ``backend="mongo"`` — a MongoClient. A single connection or Session works too, but every
+    call shares it and it serves one call at a time (a concurrent call from another thread is
+    answered 500): prefer a source giving each call its own. Or name the handler's own argument
+    holding it with ``db_arg`` (a FastAPI dependency; the handler still receives it). The handler
+    gets the transaction object as the keyword ``tx_arg`` (the connection, Session or Mongo
     session). A skipped call (duplicate, suspended, null compensation) returns
     ``{"dtm_result":"SUCCESS"}`` without running the handler.
 
-    An ``async def`` handler runs in :mod:`dtmcli.asyncio.barrier` and needs an async database: an
-    asyncpg/aiomysql pool or its ``acquire``, a psycopg ``AsyncConnection``, a SQLAlchemy
-    ``AsyncEngine``/``AsyncConnection``/``AsyncSession``, an ``async def`` factory, or motor /
-    pymongo's ``AsyncMongoClient`` for ``backend="mongo"``. A database of the other kind than the
-    handler raises :class:`SyncAsyncMismatch` (a DtmInvalidInput and a TypeError) when decorating,
-    or for ``db_arg`` and application factories at the first call (answered 500), before any
-    statement runs.
+    The barrier owns its transaction, as the answer goes to DTM when the handler returns: a
+    SQLAlchemy Session or Connection (from ``db_arg``) that already has a transaction open is
+    refused (500, nothing runs) rather than joined through a savepoint that its owner might never
+    commit. Give the handler a session nothing else used in that request.
+
+    An ``async def`` handler runs in :mod:`dtmcli.asyncio.barrier` and needs an async database
+    source giving each call its own connection: an asyncpg/aiomysql pool or its ``acquire``, a
+    SQLAlchemy ``AsyncEngine`` or ``async_sessionmaker``, psycopg_pool's ``pool.connection``, an
+    ``async def`` factory, or pymongo's ``AsyncMongoClient`` for ``backend="mongo"`` (not motor). A
+    single async connection or session as ``db`` is refused when decorating (concurrent requests
+    would share it); pass a per-request one through ``db_arg``. A database of the other kind than
+    the handler raises :class:`SyncAsyncMismatch` (a DtmInvalidInput and a TypeError) when
+    decorating, or for ``db_arg`` and application factories at the first call (answered 500),
+    before any statement runs. A database the asyncio barrier has no adapter for (aiopg, asyncmy,
+    aiosqlite, motor) and a bad ``table`` are refused (DtmInvalidInput) when decorating too.
 
     Put it under a framework integration, which passes ``info=BranchInfo``; Flask (Django is the
     same with ``dtmcli.contrib.django``)::
@@ -207,6 +249,8 @@ def barrier(
     # Strings are resolved per call by the SQL barrier's one resolver; refuse a bad one now, not per request.
     if isinstance(db, str) and (backend == "mongo" or not (db == "django" or db.startswith("django:"))):
         raise DtmInvalidInput(f"db {db!r}: pass a connection, factory, engine, 'django' or 'django:<alias>'")
+    if table is not None:
+        validate_table(table)  # now, not as a 500 on every call
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         async_handler = is_async_callable(func)
@@ -214,6 +258,8 @@ def barrier(
             kind = db_kind(db)
             if (kind != ASYNC) if async_handler else (kind == ASYNC):
                 raise _mismatch(db, async_handler, kind)
+            if async_handler:
+                check_async_source(db, backend)
         wrapper = _async_wrapper(func) if async_handler else _sync_wrapper(func)
         functools.update_wrapper(wrapper, func)
         # FastAPI reads the signature to build dependencies: hide the injected transaction argument.
@@ -254,7 +300,9 @@ def barrier(
 
             if backend == "mongo":
                 return _answer(bb.mongo_call(conn_source, busi))
-            return _answer(bb.call_with_db(conn_source, busi, dialect=dialect))
+            # The answer goes to DTM as soon as the call returns: the barrier must own a transaction that
+            # is committed by then, not a savepoint of one the caller may never commit.
+            return _answer(bb.call_with_db(conn_source, busi, dialect=dialect, join_transaction=False))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             info = kwargs.pop("info", None)
@@ -279,7 +327,7 @@ def barrier(
 
             if backend == "mongo":
                 return _answer(await bb.mongo_call(conn_source, busi))
-            return _answer(await bb.call_with_db(conn_source, busi, dialect=dialect))
+            return _answer(await bb.call_with_db(conn_source, busi, dialect=dialect, join_transaction=False))
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             info = kwargs.pop("info", None)

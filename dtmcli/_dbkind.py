@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["SYNC", "ASYNC", "kind_of", "object_kind"]
+__all__ = ["SYNC", "ASYNC", "async_backend_supports", "kind_of", "object_kind"]
 
 SYNC, ASYNC = "sync", "async"
 
@@ -28,6 +28,22 @@ def kind_of(module: str, name: str) -> Optional[str]:
     if top in _PSYCOPG:
         return ASYNC if name.startswith("Async") else SYNC
     return SYNC if top in _SYNC_TOPS else None
+
+
+# What the asyncio barrier of each backend can use. aiopg, asyncmy, aiosqlite and motor are async
+# (the blocking barrier refuses them) but the asyncio barrier has no adapter for them.
+_ASYNC_SUPPORTED = {
+    "sql": ("asyncpg", "aiomysql", "psycopg", "psycopg_pool", "sqlalchemy.ext.asyncio"),
+    "mongo": ("pymongo.asynchronous",),
+}
+
+
+def async_backend_supports(module: str, name: str, backend: str) -> bool:
+    """Whether the asyncio ``backend`` barrier can use an async database of class/function ``name`` in
+    ``module``; ``True`` when its kind cannot be told (an application's own factory)."""
+    if kind_of(module, name) != ASYNC:
+        return True
+    return any(module == p or module.startswith(p + ".") for p in _ASYNC_SUPPORTED.get(backend, ()))
 
 
 def object_kind(obj: Any) -> Optional[str]:

@@ -303,7 +303,7 @@ class TransCore:
         """POST a prepare/submit/abort body, noting whether DTM may have received it."""
         try:
             yield from self.client._post_flow(path, body, idempotent)
-        except DtmConnectError:
+        except (DtmConnectError, DtmInvalidInput):  # this attempt sent nothing (refused; a closed session)
             if idempotent and self.client.retry.retries:  # an earlier attempt may have arrived
                 self._sent = self._stored = True
             raise

@@ -404,6 +404,32 @@ def success_response(value: Any = None, info: Optional[BranchInfo] = None) -> Br
     return BranchResponse(200, body)
 
 
+_HTTP_EXCEPTION_MODULES = ("starlette", "fastapi", "werkzeug")
+
+
+def _http_exception(exc: BaseException) -> Optional[DtmError]:
+    """What a web framework's HTTP exception with status 409 or 425 means to DTM (FAILURE, ONGOING).
+
+    Starlette's/FastAPI's ``HTTPException`` and werkzeug's (Flask's ``abort``) are recognised by
+    class, without importing the frameworks; any other status returns ``None``.
+    """
+    for cls in type(exc).__mro__:
+        if cls.__name__ == "HTTPException" and cls.__module__.split(".")[0] in _HTTP_EXCEPTION_MODULES:
+            break
+    else:
+        return None
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        status = getattr(exc, "code", None)  # werkzeug
+    text = getattr(exc, "detail", None) or getattr(exc, "description", None)
+    message = text if isinstance(text, str) and text else f"the handler raised HTTP {status}"
+    if status == 409:
+        return DtmFailure(message)
+    if status == 425:
+        return DtmOngoing(message)
+    return None
+
+
 def error_response(exc: BaseException, info: Optional[BranchInfo] = None) -> BranchResponse:
     """Map an exception raised by a branch handler to its answer.
 
@@ -412,9 +438,15 @@ def error_response(exc: BaseException, info: Optional[BranchInfo] = None) -> Bra
       (see :func:`failure_allowed`); on any other op it is a handler bug DTM would retry forever,
       so it is logged as an error and answered 500;
     * :class:`DtmOngoing` → 425 ``{"dtm_result":"ONGOING","message":...}``;
+    * a web framework's ``HTTPException`` with status 409 or 425 (FastAPI/Starlette
+      ``HTTPException``, Flask's ``abort(409)``) → as DtmFailure or DtmOngoing: DTM reads those
+      statuses so, and every integration answers them alike;
     * :class:`BranchRequestError` → 400 ``{"message":...}``;
     * anything else → 500 ``{"message":...}`` (DTM retries with backoff).
     """
+    http = _http_exception(exc) if not isinstance(exc, DtmError) else None
+    if http is not None:
+        return error_response(http, info)
     message = _message(exc)
     if isinstance(exc, DtmDuplicated):
         return BranchResponse(200, dict(SUCCESS))

@@ -116,20 +116,30 @@ class BranchBarrier(BarrierBase):
 
     # -- SQL ---------------------------------------------------------------------------------
 
-    def call(self, conn: Any, busi: Callable[[Any], R], *, dialect: Optional[str] = None) -> Optional[R]:
+    def call(
+        self, conn: Any, busi: Callable[[Any], R], *, dialect: Optional[str] = None, join_transaction: bool = True
+    ) -> Optional[R]:
         """Run ``busi(conn)`` under the barrier in one local transaction on ``conn``.
 
         ``conn`` is a DB-API connection (PyMySQL, psycopg2, psycopg; the barrier begins, commits
         or rolls back, and refuses a connection with an open transaction), or a SQLAlchemy
         Connection/Session or Django connection (the barrier joins an open transaction through a
-        savepoint and the caller commits; otherwise it owns the transaction). Returns ``busi``'s
-        result, or ``None`` when the call was a duplicate, suspended or a null compensation.
-        Raises DtmDuplicated for a repeated msg, BarrierConflict (retryable, 425) on lock waits and
-        deadlocks, BarrierDatabaseError on database failures, or what ``busi`` raised.
+        savepoint and the caller commits; otherwise it owns the transaction). With
+        ``join_transaction=False`` a SQLAlchemy Connection/Session with an open transaction is
+        refused instead (DtmInvalidInput): for callers that answer DTM right after the call.
+        ``conn`` serves one call at a time: a call on it from another thread meanwhile is refused
+        (DtmInvalidInput). Returns ``busi``'s result, or ``None`` when the call was a duplicate,
+        suspended or a null compensation. Raises DtmDuplicated for a repeated msg, BarrierConflict
+        (retryable, 425) on lock waits and deadlocks, BarrierDatabaseError on database failures
+        (also when MySQL rolled the transaction back under ``busi``, which caught the deadlock),
+        or what ``busi`` raised.
         """
-        return _sql.barrier_call(conn, self, busi, table=self.table, dialect=dialect, on_decision=self._record)
+        return _sql.barrier_call(conn, self, busi, table=self.table, dialect=dialect, on_decision=self._record,
+                                 join=join_transaction)
 
-    def call_with_db(self, db: Any, busi: Callable[[Any], R], *, dialect: Optional[str] = None) -> Optional[R]:
+    def call_with_db(
+        self, db: Any, busi: Callable[[Any], R], *, dialect: Optional[str] = None, join_transaction: bool = True
+    ) -> Optional[R]:
         """Like :meth:`call`, taking the connection from ``db``.
 
         ``db`` is anything :func:`dtmcli._barrier.sql.connection_from` accepts: a connection (used
@@ -138,7 +148,7 @@ class BranchBarrier(BarrierBase):
         closed afterwards (for pools, close returns it to the pool).
         """
         with _sql.connection_from(db) as conn:
-            return self.call(conn, busi, dialect=dialect)
+            return self.call(conn, busi, dialect=dialect, join_transaction=join_transaction)
 
     def query_prepared(self, conn: Any, *, dialect: Optional[str] = None) -> None:
         """The msg ``query_prepared`` check for this barrier's gid; raises DtmFailure when rolled back."""

@@ -196,7 +196,9 @@ def barrier_flow(
     """The barrier algorithm (protocol.md §7) as a flow over a store's effects.
 
     Yields ``StoreOp`` begin, insert_if_absent (origin op, then current op), commit and rollback,
-    and ``Call(busi, store.tx)`` for the business function; returns ``busi``'s result, or ``None``
+    and ``Call(busi, store.tx)`` for the business function; a store whose ``recheck_row`` is true
+    (MySQL) is also asked to ``require_row`` (the current op's row, still there after the business
+    function, else a typed error) before the commit. Returns ``busi``'s result, or ``None``
     when the call was a duplicate, suspended or a null compensation (committed without running
     ``busi``). Raises DtmDuplicated for a repeated msg, the store's typed errors for its failures,
     and whatever ``busi`` raised otherwise (after rolling the markers back with it). An error that is
@@ -249,6 +251,18 @@ def barrier_flow(
             if mapped is not None:
                 raise mapped from exc
             raise
+        if getattr(store, "recheck_row", False):
+            # The database may have rolled the whole transaction back under the business function
+            # (MySQL: a deadlock the business code caught): the row inserted above is then gone.
+            try:
+                yield StoreOp("require_row", barrier.gid, barrier.branch_id, barrier.op, bid)
+            except GeneratorExit:
+                raise
+            except DtmError as exc:
+                yield StoreOp("rollback", exc)
+                raise
+            except BaseException as exc:
+                yield from _undo(store, exc, "commit")
     try:
         yield StoreOp("commit")
     except GeneratorExit:

@@ -59,9 +59,12 @@ NO_REPLICA_SET_HINT = (
 
 
 def check_client(client: Any, *, asyncio: bool) -> None:
-    """Refuse, before any call, pymongo's ``AsyncMongoClient`` given to the blocking barrier or a
-    ``MongoClient`` given to the asyncio one."""
+    """Refuse, before any call, pymongo's ``AsyncMongoClient`` given to the blocking barrier, a
+    ``MongoClient`` given to the asyncio one, or a motor client (its API differs: not supported)."""
     module = type(client).__module__
+    if module.split(".")[0] == "motor":
+        raise DtmInvalidInput(f"{module}.{type(client).__name__}: motor is not supported by the MongoDB barrier; "
+                              "use pymongo's AsyncMongoClient (pymongo >= 4.9) with the asyncio barrier")
     if module.split(".")[0] != "pymongo":
         return
     is_async = module.startswith("pymongo.asynchronous")

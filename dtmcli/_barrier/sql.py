@@ -43,6 +43,7 @@ from .sql_conn import (
     _map_db_error,
     _text,
     adapt,
+    claimed,
     connection_charset,
     connection_from,
     detect_dialect,
@@ -51,6 +52,7 @@ from .sql_conn import (
     map_db_error,
     normalize_dialect,
     require_utf8mb4_flow,
+    rolled_back_error,
 )
 
 __all__ = [
@@ -449,6 +451,20 @@ class SqlStoreBase:
         """Roll back after ``cause``; a failing rollback is logged, never raised."""
         return rollback_quietly_flow(self._label(cause))
 
+    @property
+    def recheck_row(self) -> bool:
+        """MySQL: re-read the op's row before COMMIT. InnoDB answers a deadlock (and a lock wait timeout
+        under innodb_rollback_on_timeout) by rolling back the whole transaction, barrier rows included;
+        business code that catches the error goes on in a new transaction. PostgreSQL aborts instead
+        (refused before COMMIT without a round trip)."""
+        return bool(self.adapter.dialect == MYSQL)
+
+    def require_row_flow(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Flow[None]:
+        """Raise :func:`~dtmcli._barrier.sql_conn.rolled_back_error` unless the barrier row is still there."""
+        reason = yield from self.reason_flow(gid, branch_id, op, barrier_id)
+        if reason is None:
+            raise rolled_back_error(self.where)
+
     def map_error(self, exc: BaseException, what: str) -> DtmError:
         return _map_db_error(exc, what, self.where)
 
@@ -471,6 +487,9 @@ class _SqlStore(SqlStoreBase):
 
     def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
         return _flow.run(self.reason_flow(gid, branch_id, op, barrier_id), self.adapter)
+
+    def require_row(self, gid: str, branch_id: str, op: str, barrier_id: str) -> None:
+        _flow.run(self.require_row_flow(gid, branch_id, op, barrier_id), self.adapter)
 
     def commit(self) -> None:
         self.adapter.commit()
@@ -496,16 +515,21 @@ def barrier_call(
     table: str = DEFAULT_TABLE,
     dialect: Optional[str] = None,
     on_decision: Optional[Callable[[Decision], None]] = None,
+    join: bool = True,
 ) -> Optional[R]:
     """Run ``busi(conn)`` under the barrier in one local transaction (protocol.md §7).
 
     Returns ``busi``'s result, or ``None`` when the call was a duplicate, suspended or a null
     compensation (committed without running ``busi``). Raises DtmDuplicated for a repeated msg,
     BarrierConflict on lock conflicts, BarrierDatabaseError on database failures, and whatever
-    ``busi`` raised otherwise (after rolling the barrier rows back with it).
+    ``busi`` raised otherwise (after rolling the barrier rows back with it). ``conn`` is held for
+    the call: another thread's call on it meanwhile is refused (DtmInvalidInput). ``join=False``
+    refuses a SQLAlchemy Connection/Session that already has a transaction open.
     """
     validate_table(table)
-    return run_barrier(_SqlStore(conn, adapt(conn, dialect), table, _where(barrier)), barrier, busi, on_decision)
+    store = _SqlStore(conn, adapt(conn, dialect, join), table, _where(barrier))
+    with claimed(conn, threading.get_ident()):
+        return run_barrier(store, barrier, busi, on_decision)
 
 
 def query_prepared(
@@ -517,7 +541,7 @@ def query_prepared(
     (gid, 00, msg, 01) unless the local transaction already inserted its row, then reads which one won.
     """
     validate_table(table)
-    with connection_from(conn) as c:
+    with connection_from(conn) as c, claimed(c, threading.get_ident()):
         store = _SqlStore(c, adapt(c, dialect), table, msg_where(gid))
         _flow.run(prepared_flow(store, trans_type, gid), store)
 

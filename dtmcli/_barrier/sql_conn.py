@@ -5,13 +5,15 @@ dialect to use (``type(conn).__module__``), and SQLAlchemy/Django are imported o
 object is passed in. :func:`connection_from` is the one resolver of database sources, shared by the
 barrier, msg, query_prepared and XA. The decisions the asyncio adapters
 (``dtmcli/asyncio/_barrier_sql.py``) share with these live here too: error mapping (asyncpg and
-aiomysql included), :func:`begin_plan`, :func:`is_aborted` and :func:`charset_flow`.
+aiomysql included), :func:`begin_plan`, :func:`savepoint_plan`, :func:`is_aborted`,
+:func:`charset_flow`, and :func:`claimed` (one barrier call per connection at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import weakref
 from typing import Any, Iterator, Mapping, Optional
 
@@ -30,15 +32,20 @@ __all__ = [
     "aborted_error",
     "begin_plan",
     "charset_flow",
+    "claimed",
     "connection_charset",
     "connection_from",
+    "connection_in_use_error",
     "detect_dialect",
     "is_connection_error",
     "is_retryable",
     "map_db_error",
     "is_aborted",
+    "joined_transaction_error",
     "normalize_dialect",
     "open_transaction_error",
+    "rolled_back_error",
+    "savepoint_plan",
     "require_utf8mb4",
     "require_utf8mb4_flow",
 ]
@@ -182,6 +189,81 @@ def aborted_error() -> BarrierDatabaseError:
         "the transaction was aborted by a database error the business code caught; nothing is "
         "committed (let the error propagate, or roll back to a savepoint before going on)"
     )
+
+
+def joined_transaction_error() -> DtmInvalidInput:
+    """The error for a SQLAlchemy Connection/Session with a transaction open where the barrier must own its own."""
+    return DtmInvalidInput(
+        "the SQLAlchemy session or connection already has a transaction open (something used it before the "
+        "handler, e.g. a dependency that read through it): the barrier would only release a savepoint and "
+        "answer SUCCESS for work the caller may never commit; give the handler a session of its own, or "
+        "commit or roll back first"
+    )
+
+
+def savepoint_plan(in_transaction: bool, join: bool) -> bool:
+    """Whether the barrier on a SQLAlchemy Connection/Session runs in a savepoint of the caller's transaction.
+
+    ``join`` is False where the barrier answers DTM itself right after the call (``@barrier``): a
+    savepoint is not durable until the caller commits, so an open transaction is refused then
+    (:func:`joined_transaction_error`) rather than answered SUCCESS for.
+    """
+    if in_transaction and not join:
+        raise joined_transaction_error()
+    return in_transaction
+
+
+def rolled_back_error(where: Optional[Mapping[str, Any]] = None) -> BarrierDatabaseError:
+    """The error for a MySQL transaction the server rolled back under the business code (refused before COMMIT)."""
+    return BarrierDatabaseError(
+        "the barrier row of this call is gone: the database rolled the whole transaction back (a deadlock, or a "
+        "lock wait timeout with innodb_rollback_on_timeout) and the business code caught the error and went "
+        "on; nothing is committed (let the error propagate)",
+        **(where or {}),
+    )
+
+
+# --- one call per connection at a time --------------------------------------------------------
+
+# id(connection) -> (connection, owner, depth) while barrier calls run on it. The entry holds the
+# connection itself, so its id cannot be reused meanwhile; entries live only as long as a call.
+_claims: dict[int, tuple[Any, Any, int]] = {}
+_claims_lock = threading.Lock()
+
+
+def connection_in_use_error(conn: Any) -> DtmInvalidInput:
+    """The error for a connection another barrier call (another thread or asyncio task) is using."""
+    return DtmInvalidInput(
+        f"the {type(conn).__module__}.{type(conn).__name__} is in use by another barrier call (another thread "
+        "or asyncio task): one connection runs one transaction at a time, and two calls on it would share "
+        "it; give the barrier a pool, engine or connection factory so that each call has a connection of its own"
+    )
+
+
+@contextlib.contextmanager
+def claimed(conn: Any, owner: Any) -> Iterator[None]:
+    """Hold ``conn`` for one barrier call of ``owner`` (a thread id, or an asyncio task) for the block.
+
+    Entered without any I/O, so an asyncio caller holds the connection before its first await. A
+    second call of another owner is refused (:func:`connection_in_use_error`) before it touches
+    the connection; the same owner may nest calls (a barrier call inside a business function),
+    which are sequential.
+    """
+    key = id(conn)
+    with _claims_lock:
+        held = _claims.get(key)
+        if held is not None and held[1] != owner:
+            raise connection_in_use_error(conn)
+        _claims[key] = (conn, owner, held[2] + 1 if held is not None else 1)
+    try:
+        yield
+    finally:
+        with _claims_lock:
+            _, _, depth = _claims[key]
+            if depth > 1:
+                _claims[key] = (conn, owner, depth - 1)
+            else:
+                del _claims[key]
 
 
 def is_async_connection(conn: Any) -> bool:
@@ -332,14 +414,16 @@ def _to_named(sql: str) -> str:
 class _SqlAlchemyAdapter(_Adapter):
     """A SQLAlchemy Connection or Session: join its transaction through a savepoint, or own one."""
 
-    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True) -> None:
         self.conn = conn
         bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
         self.dialect = normalize_dialect(dialect or bind.dialect.name)
+        self.join = join
         self._trans: Any = None
 
     def begin(self) -> None:
-        self._trans = self.conn.begin_nested() if self.conn.in_transaction() else self.conn.begin()
+        nested = savepoint_plan(self.conn.in_transaction(), self.join)
+        self._trans = self.conn.begin_nested() if nested else self.conn.begin()
 
     def commit(self) -> None:
         self.refuse_aborted()
@@ -419,8 +503,11 @@ def detect_dialect(conn: Any) -> str:
     return adapt(conn, None).dialect
 
 
-def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
-    """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers)."""
+def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _Adapter:
+    """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers).
+
+    ``join=False`` refuses a SQLAlchemy Connection/Session with a transaction open (see :func:`savepoint_plan`).
+    """
     module = type(conn).__module__
     top = module.split(".")[0]
     if is_async_connection(conn):
@@ -429,7 +516,7 @@ def adapt(conn: Any, dialect: Optional[str]) -> _Adapter:
             "use dtmcli.asyncio.BranchBarrier (await bb.call(conn, busi))"
         )
     if top == "sqlalchemy":
-        return _SqlAlchemyAdapter(conn, dialect)
+        return _SqlAlchemyAdapter(conn, dialect, join)
     if top == "django":
         return _DjangoAdapter(conn, dialect)
     if top in _MYSQL_DRIVERS:

@@ -8,6 +8,7 @@ after NOSCRIPT). MongoDB (**experimental**, like the blocking one): the barrier 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 from .. import _flow
@@ -94,6 +95,8 @@ async def mongo_barrier_call(
     check_client(client, asyncio=True)
     coll = collection(client, table)
     session = client.start_session()
+    if inspect.isawaitable(session):  # not pymongo's AsyncMongoClient today; cheap to honour
+        session = await session
     try:
         return await arun_barrier(_AsyncMongoStore(coll, session, barrier_where(barrier)), barrier, busi,
                                   on_decision)

@@ -11,6 +11,7 @@ awaits the flows and shields the steps that must finish (open, rollback) from ca
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -31,15 +32,17 @@ from .._barrier.sql_conn import (
     _to_named,
     aborted_error,
     begin_plan,
+    claimed,
     is_aborted,
     normalize_dialect,
     raw_target,
+    savepoint_plan,
 )
 from .._dbkind import SYNC, kind_of
 from ..errors import DtmInvalidInput
 from ._barrier_common import shielded
 
-__all__ = ["adapt", "barrier_call", "connection_from", "query_prepared"]
+__all__ = ["adapt", "barrier_call", "connection_from", "query_prepared", "source_shape", "terminate"]
 
 logger = logging.getLogger("dtmcli")
 
@@ -78,6 +81,13 @@ class _AsyncAdapter:
     def dbapi_connection(self) -> Any:
         """The driver's own connection behind this adapter (inside the barrier's transaction)."""
         return self.conn
+
+    def abort(self) -> None:
+        """Close the driver connection at once, without a round trip (a cancelled call whose database
+        does not answer): the server rolls the transaction back, and pools discard the connection."""
+        raw = self.dbapi_connection()
+        if raw is not None:
+            terminate(raw)
 
     def target(self) -> tuple[str, ...]:
         """Which database this connection talks to, for the once-per-target table check."""
@@ -251,16 +261,18 @@ class _AiomysqlAdapter(_AsyncAdapter):
 class _SqlAlchemyAdapter(_AsyncAdapter):
     """A SQLAlchemy ``AsyncConnection`` or ``AsyncSession``: join its transaction through a savepoint, or own one."""
 
-    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True) -> None:
         self.conn = conn
         self._session = hasattr(conn, "sync_session")
         self._bind = conn.sync_session.get_bind() if self._session else conn
         self.dialect = normalize_dialect(dialect or self._bind.dialect.name)
+        self.join = join
         self._trans: Any = None
         self._raw: Any = None
 
     async def begin(self) -> None:
-        self._trans = await (self.conn.begin_nested() if self.conn.in_transaction() else self.conn.begin())
+        nested = savepoint_plan(self.conn.in_transaction(), self.join)
+        self._trans = await (self.conn.begin_nested() if nested else self.conn.begin())
         sa_conn = await self.conn.connection() if self._session else self.conn
         self._raw = sa_conn.sync_connection.connection.driver_connection
 
@@ -290,8 +302,12 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         return [tuple(row) for row in (await self._run(sql, params)).fetchall()]
 
 
-def adapt(conn: Any, dialect: Optional[str]) -> _AsyncAdapter:
-    """The asyncio adapter for ``conn``; a blocking connection is refused (DtmInvalidInput) before any I/O."""
+def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _AsyncAdapter:
+    """The asyncio adapter for ``conn``; a blocking connection is refused (DtmInvalidInput) before any I/O.
+
+    ``join=False`` refuses a SQLAlchemy AsyncConnection/AsyncSession with a transaction open
+    (:func:`~dtmcli._barrier.sql_conn.savepoint_plan`).
+    """
     module, name = type(conn).__module__, type(conn).__name__
     top = module.split(".")[0]
     if top == "asyncpg":
@@ -301,7 +317,7 @@ def adapt(conn: Any, dialect: Optional[str]) -> _AsyncAdapter:
     elif top == "psycopg" and name.startswith("Async"):
         adapter = _PsycopgAdapter(conn)
     elif module.startswith("sqlalchemy.ext.asyncio"):
-        return _SqlAlchemyAdapter(conn, dialect)
+        return _SqlAlchemyAdapter(conn, dialect, join)
     elif kind_of(module, name) == SYNC:
         raise DtmInvalidInput(
             f"{module}.{name} is a blocking connection: the asyncio barrier would block the event loop on it; "
@@ -318,10 +334,36 @@ def adapt(conn: Any, dialect: Optional[str]) -> _AsyncAdapter:
     return adapter
 
 
+def terminate(raw: Any) -> None:
+    """Close an asyncpg, aiomysql or psycopg async connection at once, without a round trip."""
+    top = type(raw).__module__.split(".")[0]
+    if top == "asyncpg":
+        raw.terminate()
+    elif top == "aiomysql":
+        raw.close()  # closes the transport; no QUIT is sent
+    elif top == "psycopg" and not raw.closed:
+        raw.pgconn.finish()
+
+
 async def _close(conn: Any) -> None:
     closing = conn.close()
     if inspect.isawaitable(closing):
         await closing
+
+
+ENGINE, POOL, FACTORY, SINGLE = "engine", "pool", "factory", "single"
+
+
+def source_shape(db: Any) -> str:
+    """How :func:`connection_from` gets a connection from ``db``: ``engine`` (a SQLAlchemy ``AsyncEngine``),
+    ``pool`` (asyncpg/aiomysql), ``factory`` (called per call) or ``single`` (a connection or session
+    used as it is, by every call given it)."""
+    module = type(db).__module__
+    if module.startswith("sqlalchemy.ext.asyncio") and hasattr(db, "connect") and hasattr(db, "dispose"):
+        return ENGINE
+    if module.split(".")[0] in ("asyncpg", "aiomysql") and hasattr(db, "acquire") and hasattr(db, "release"):
+        return POOL
+    return FACTORY if _is_factory(db) else SINGLE
 
 
 @contextlib.asynccontextmanager
@@ -336,19 +378,18 @@ async def connection_from(db: Any) -> AsyncIterator[Any]:
     what it returns is entered when it is an async context manager (released or closed by its
     exit), else awaited when awaitable, and the connection closed afterwards.
     """
-    module = type(db).__module__
-    top = module.split(".")[0]
     if isinstance(db, str):
         raise DtmInvalidInput(f"db {db!r}: the asyncio barrier takes a connection, pool, engine, session or factory")
-    if module.startswith("sqlalchemy.ext.asyncio") and hasattr(db, "connect") and hasattr(db, "dispose"):
+    shape = source_shape(db)
+    if shape == ENGINE:
         async with db.connect() as sa_conn:
             yield sa_conn
         return
-    if top in ("asyncpg", "aiomysql") and hasattr(db, "acquire") and hasattr(db, "release"):
+    if shape == POOL:
         async with db.acquire() as pooled:
             yield pooled
         return
-    if _is_factory(db):
+    if shape == FACTORY:
         made = db()
         if hasattr(made, "__aenter__") and not inspect.iscoroutine(made):
             async with made as entered:
@@ -357,8 +398,10 @@ async def connection_from(db: Any) -> AsyncIterator[Any]:
         conn = await made if inspect.isawaitable(made) else made
         try:
             yield conn
-        finally:
-            await shielded(_close(conn))
+        except BaseException as exc:
+            await shielded(_close(conn), abort=lambda: terminate(conn), cancelling=not isinstance(exc, Exception))
+            raise
+        await shielded(_close(conn), abort=lambda: terminate(conn))
         return
     yield db
 
@@ -369,7 +412,7 @@ class _AsyncSqlStore(SqlStoreBase):
     adapter: _AsyncAdapter
 
     async def begin(self) -> None:
-        await shielded(_flow.arun(self.begin_flow(), self.adapter))
+        await shielded(_flow.arun(self.begin_flow(), self.adapter), abort=self.adapter.abort)
 
     async def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
                                reason: str) -> int:
@@ -378,11 +421,17 @@ class _AsyncSqlStore(SqlStoreBase):
     async def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
         return await _flow.arun(self.reason_flow(gid, branch_id, op, barrier_id), self.adapter)
 
+    async def require_row(self, gid: str, branch_id: str, op: str, barrier_id: str) -> None:
+        await _flow.arun(self.require_row_flow(gid, branch_id, op, barrier_id), self.adapter)
+
     async def commit(self) -> None:
         await self.adapter.commit()
 
     async def rollback(self, cause: BaseException) -> None:
-        await shielded(_flow.arun(self.rollback_flow(cause), self.adapter))
+        # After a cancellation the rollback is bounded (CANCEL_GRACE): a database that stops answering
+        # must not hold the cancelled call; the connection is then closed instead.
+        await shielded(_flow.arun(self.rollback_flow(cause), self.adapter), abort=self.adapter.abort,
+                       cancelling=not isinstance(cause, Exception))
 
 
 def _where(barrier: BarrierIdentity) -> dict[str, Any]:
@@ -397,14 +446,17 @@ async def barrier_call(
     table: str = DEFAULT_TABLE,
     dialect: Optional[str] = None,
     on_decision: Optional[Callable[[Decision], None]] = None,
+    join: bool = True,
 ) -> Any:
     """Await ``busi(conn)`` under the barrier in one local transaction (the blocking ``barrier_call``'s twin).
 
     A cancellation while a step or ``busi`` is awaited rolls the transaction back (the rollback
-    runs to its end) and is re-raised.
+    runs to its end, or for at most :data:`~dtmcli.asyncio._barrier_common.CANCEL_GRACE` seconds,
+    after which the connection is closed) and is re-raised. ``conn`` is held for the call, from
+    before the first await: another task's call on it meanwhile is refused (DtmInvalidInput).
     """
     validate_table(table)
-    adapter = adapt(conn, dialect)
+    adapter = adapt(conn, dialect, join)
     store = _AsyncSqlStore(conn, adapter, table, _where(barrier))
 
     async def run_busi(tx: Any) -> Any:
@@ -414,7 +466,8 @@ async def barrier_call(
             result = await result
         return result
 
-    return await arun_barrier(store, barrier, run_busi, on_decision)
+    with claimed(conn, asyncio.current_task()):
+        return await arun_barrier(store, barrier, run_busi, on_decision)
 
 
 async def query_prepared(
@@ -424,4 +477,5 @@ async def query_prepared(
     validate_table(table)
     async with connection_from(db) as conn:
         store = _AsyncSqlStore(conn, adapt(conn, dialect), table, msg_where(gid))
-        await _flow.arun(prepared_flow(store, trans_type, gid), store)
+        with claimed(conn, asyncio.current_task()):
+            await _flow.arun(prepared_flow(store, trans_type, gid), store)

@@ -2,24 +2,37 @@
 
 The asyncio twin of :mod:`dtmcli._transport`, with the same contract: ``timeout`` is a total
 deadline (connect, send and every read of the whole body), connection problems are typed
-(:class:`DtmConnectError` only when nothing can have been sent, :class:`DtmTimeout`, else
+(:class:`DtmConnectError` only when nothing can have been sent, :class:`DtmConnectTimeout` when the
+deadline ran out before the request could go out, :class:`DtmTimeout` once it may have, else
 :class:`DtmTransportError`), query parameters reach the wire exactly as the sync default transport
-writes them, and no redirect is followed.
+writes them, and no redirect is followed. As with the sync default (urllib3), credentials in a URL
+(``http://user:pw@host/``) are never sent; aiohttp drops an empty trailing ``?`` (``/x?`` goes out
+as ``/x``, the same resource to any server).
+
+The deadline is this module's own, and a cancellation of the calling task always wins over it: the
+caller gets ``CancelledError``, never a ``DtmTimeout``, even when both arrive in the same loop
+iteration.
 
 A connection pool belongs to the event loop that opened it, so a transport keeps one pool per
 running loop: the same transport works across successive ``asyncio.run()`` calls, from several
 threads each running its own loop, and in a forked child, which never touches the connections
-it inherited. A pool is closed when ``asyncio.run()`` ends its loop, or by ``aclose()``.
+it inherited. A pool is closed when ``asyncio.run()`` ends its loop, or by ``aclose()``; a
+transport dropped without ``aclose()`` has its pools closed inside their own loops (those of closed
+loops are dropped quietly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
 import ssl
+import sys
 import time
+import weakref
+from collections.abc import Coroutine
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import (
     TYPE_CHECKING,
@@ -41,7 +54,7 @@ from urllib3.util import parse_url
 from .. import _transport as _sync
 from .._protocol import Response
 from .._transport import _JSON_HEADERS, _log_exchange, check_timeout
-from ..errors import DtmConnectError, DtmInvalidInput, DtmTimeout, DtmTransportError
+from ..errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 
 if TYPE_CHECKING:
     import aiohttp
@@ -53,6 +66,8 @@ logger = logging.getLogger("dtmcli")
 
 DEFAULT_POOL_SIZE = 100
 """Connections per pool (per event loop): both libraries' own default."""
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -87,21 +102,29 @@ class AsyncTransport(Protocol):
 # (percent-encodes what may not appear raw, removes dot segments). httpx and aiohttp each normalise
 # differently (aiohttp unquotes %2F, %3F, %27 ... in the query), so the target is built here with
 # urllib3's own parser and handed over as is. Normalised base URLs are cached: each call adds only
-# the encoded parameters, which urllib3 would leave untouched.
+# the encoded parameters, which urllib3 would leave untouched. urllib3 ignores the URL's userinfo
+# (requests would turn it into Basic auth): it is removed here, so neither library sends it.
+
+
+def _without_userinfo(url: str) -> str:
+    parsed = parse_url(url)
+    if parsed.auth is not None:
+        parsed = parsed._replace(auth=None)
+    return str(parsed.url)
 
 
 @functools.lru_cache(maxsize=1024)
 def _normalised(url: str) -> str:
-    return str(parse_url(url).url)
+    return _without_userinfo(url)
 
 
 def request_target(url: str, params: Optional[Mapping[str, str]]) -> str:
-    """The URL the sync default transport puts on the wire for ``url`` and ``params``."""
+    """The URL the sync default transport puts on the wire for ``url`` and ``params`` (no userinfo)."""
     if not params:
         return _normalised(url)
     query = urlencode(params)
     if "#" in url:  # the parameters land in the fragment, as they do in the sync transport
-        return str(parse_url(f"{url}{'&' if '?' in url else '?'}{query}").url)
+        return _without_userinfo(f"{url}{'&' if '?' in url else '?'}{query}")
     return f"{_normalised(url)}{'&' if '?' in url else '?'}{query}"
 
 
@@ -128,27 +151,214 @@ def _in_ssl_error(exc: BaseException) -> bool:
     return False
 
 
+def _closed_client(what: str, option: str) -> DtmInvalidInput:
+    return DtmInvalidInput(
+        f"the {what} this transport was given is closed (by you, or by aclose() with {option}=True); pass an open one"
+    )
+
+
+# -- the total deadline -----------------------------------------------------------------------------
+# Neither library's own deadline tells a caller's cancellation from its own: aiohttp's nested timer
+# contexts each uncancel the task, so a cancel() in the iteration where the deadline fires is lost.
+# On Python >= 3.11 the deadline cancels the calling task and counts cancellations as asyncio.timeout
+# does; before 3.11 (no Task.cancelling) the request runs in a task of its own, which only the
+# deadline cancels.
+
+
+class _Expired(Exception):
+    """The total deadline ran out (internal: the transport turns it into DtmTimeout/DtmConnectTimeout)."""
+
+
+class _Attempt:
+    """One request: whether it may have been sent yet (until then a deadline means "nothing sent")."""
+
+    __slots__ = ("may_be_sent",)
+
+    def __init__(self, may_be_sent: bool) -> None:
+        self.may_be_sent = may_be_sent
+
+
+# The attempt of the request running in this task, for the aiohttp connector (which sees no other
+# per-request state of ours).
+_current_attempt: contextvars.ContextVar[Optional[_Attempt]] = contextvars.ContextVar(
+    "dtmcli_http_attempt", default=None
+)
+
+_OWN_TASK = sys.version_info < (3, 11)  # a module flag, so that tests can run either way
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" log
+
+
+async def _within_own_task(work: Coroutine[Any, Any, T], timeout: float) -> T:
+    loop = asyncio.get_running_loop()
+    inner = loop.create_task(work)
+    woken = loop.create_future()
+
+    def wake(_: Any = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    handle = loop.call_later(timeout, wake)
+    inner.add_done_callback(wake)
+    try:
+        await woken  # only the caller's cancellation interrupts this
+    except BaseException:
+        handle.cancel()
+        inner.cancel()
+        try:
+            await asyncio.wait((inner,))  # its cleanup (connection released or closed)
+        finally:
+            inner.add_done_callback(_retrieve)
+        raise
+    handle.cancel()
+    if not inner.done():  # the deadline
+        inner.cancel()
+        try:
+            await asyncio.wait((inner,))
+        finally:
+            inner.add_done_callback(_retrieve)
+        if inner.cancelled():
+            raise _Expired()
+        exc = inner.exception()
+        if exc is not None:
+            raise _Expired() from exc
+    return inner.result()
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(work: Coroutine[Any, Any, T], timeout: float) -> T:
+        """``await work``, or _Expired after ``timeout`` s; the caller's own cancellation wins."""
+        task = asyncio.current_task()
+        if _OWN_TASK or task is None:
+            return await _within_own_task(work, timeout)
+        base = task.cancelling()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(timeout, expire)
+        try:
+            result = await work
+        except BaseException as exc:
+            if not expired:
+                raise
+            if task.uncancel() > base:  # the caller cancelled as well: that wins
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise asyncio.CancelledError() from exc
+            raise _Expired() from (None if isinstance(exc, asyncio.CancelledError) else exc)
+        finally:
+            handle.cancel()
+        if expired and task.uncancel() > base:  # the work swallowed our cancellation, not the caller's
+            raise asyncio.CancelledError()
+        return result
+
+else:
+    _within = _within_own_task
+
+
 # -- one pool per running event loop, renewed after fork -------------------------------------------
 
 C = TypeVar("C")
 
 
 class _Pool(Generic[C]):
-    __slots__ = ("client", "sentinel")
+    __slots__ = ("abandoned", "client", "sentinel")
 
     def __init__(self, client: C) -> None:
         self.client = client
         self.sentinel: Optional[AsyncGenerator[None, None]] = None
+        self.abandoned = False  # dropped unclosed: nothing may touch its connections
+
+
+class _Pools(Generic[C]):
+    """A transport's pools, kept apart from it: what its sentinels and its finalizer hold.
+
+    Nothing here refers to the transport, so a transport nobody holds is freed at once, and its
+    finalizer (not the libraries' ``__del__``, on whatever thread collects them) decides the fate
+    of its pools. While the transport lives, the finalizer holds these pools: they are never
+    garbage before it.
+    """
+
+    __slots__ = ("abandon", "by_loop", "close", "pid")
+
+    def __init__(self, close: Callable[[C], Coroutine[Any, Any, None]], abandon: Callable[[C], None]) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, _Pool[C]] = {}
+        self.pid = _sync._pid
+        self.close = close
+        self.abandon = abandon
+
+
+async def _close_at_loop_end(
+    pools: _Pools[C], loop: asyncio.AbstractEventLoop, pool: _Pool[C]
+) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:  # run by asyncio.run()'s shutdown_asyncgens(), by aclose(), or after the transport is dropped
+        if pools.by_loop.get(loop) is pool:
+            pools.by_loop.pop(loop, None)
+        if not pool.abandoned:
+            pool.abandoned = True
+            try:
+                await pools.close(pool.client)
+            except Exception:  # best effort: the loop may be shutting down
+                logger.debug("closing an async HTTP pool failed", exc_info=True)
+
+
+_closing: set[asyncio.Task[None]] = set()  # strong references to pools being closed after their transport died
+
+
+async def _finish(sentinel: AsyncGenerator[None, None]) -> None:
+    try:
+        await sentinel.aclose()  # its finally closes the pool
+    except Exception:  # already being closed by shutdown_asyncgens()
+        logger.debug("closing a dropped async HTTP pool failed", exc_info=True)
+
+
+def _close_in_loop(loop: asyncio.AbstractEventLoop, sentinel: AsyncGenerator[None, None]) -> None:
+    task = loop.create_task(_finish(sentinel))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+def _release(pools: _Pools[Any]) -> None:
+    """The finalizer of a transport dropped without aclose(): may run on any thread, from the GC.
+
+    A pool is closed inside its own loop (scheduled thread-safely, as asyncio finalises async
+    generators); one of a closed loop, or inherited from the parent process, is dropped without
+    touching its sockets. Takes no lock: the GC may run this while this thread holds any.
+    """
+    by_loop, pools.by_loop = pools.by_loop, {}
+    inherited = pools.pid != _sync._pid
+    for loop, pool in by_loop.items():
+        if not inherited and pool.sentinel is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(_close_in_loop, loop, pool.sentinel)
+                continue
+            except RuntimeError:  # closed in the meantime
+                pass
+        pool.abandoned = True
+        pools.abandon(pool.client)
+    if inherited:
+        _sync._inherited.append(list(by_loop.values()))
 
 
 class _PerLoop(Generic[C]):
     """Pools keyed by event loop, built on first use in each loop and each process.
 
-    A pool is closed inside its own loop only: by ``aclose()`` there, or when ``asyncio.run()``
+    A pool is closed inside its own loop only: by ``aclose()`` there, when ``asyncio.run()``
     shuts the loop down (``shutdown_asyncgens`` finalises an async generator started with the pool,
-    whose ``finally`` closes it). Pools of loops closed otherwise are dropped unclosed: awaiting
-    anything on a closed loop is impossible. After a fork, the inherited pools are dropped unclosed
-    and kept referenced, as in :mod:`dtmcli._transport`: closing could write on the parent's sockets.
+    whose ``finally`` closes it), or soon after the transport is dropped. Pools of loops closed
+    otherwise are dropped unclosed: awaiting anything on a closed loop is impossible. After a fork,
+    the inherited pools are dropped unclosed and kept referenced, as in :mod:`dtmcli._transport`:
+    closing could write on the parent's sockets.
     """
 
     timeout: Optional[float]
@@ -156,67 +366,65 @@ class _PerLoop(Generic[C]):
     def __init__(self, client: Optional[C], close_client: bool) -> None:
         self._user_client = client
         self._close_user_client = close_client
-        self._pools: dict[asyncio.AbstractEventLoop, _Pool[C]] = {}
-        self._pid = _sync._pid
+        self._pools: _Pools[C] = _Pools(type(self)._close_client, type(self)._abandon_client)
+        weakref.finalize(self, _release, self._pools).atexit = False
 
     def _new_client(self) -> C:
         raise NotImplementedError
 
-    async def _close_client(self, client: C) -> None:
+    @staticmethod
+    async def _close_client(client: C) -> None:
         raise NotImplementedError
 
-    def _abandon_client(self, client: C) -> None:
+    @staticmethod
+    def _abandon_client(client: C) -> None:
         """Make sure dropping ``client`` unclosed neither warns nor touches its sockets."""
 
     def _client(self) -> C:
         if self._user_client is not None:
             return self._user_client
-        if self._pid != _sync._pid:
+        pools = self._pools
+        if pools.pid != _sync._pid:
             self._after_fork()
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
+        pool = pools.by_loop.get(loop)
         if pool is None:
             pool = self._add_pool(loop)
         return pool.client
 
     def _after_fork(self) -> None:
+        pools = self._pools
         with _sync._renew_lock:
-            if self._pid != _sync._pid:
-                for pool in self._pools.values():
-                    self._abandon_client(pool.client)
-                _sync._inherited.append(list(self._pools.values()))
-                self._pools = {}
-                self._pid = _sync._pid
+            if pools.pid != _sync._pid:
+                for pool in pools.by_loop.values():
+                    pool.abandoned = True
+                    pools.abandon(pool.client)
+                _sync._inherited.append(list(pools.by_loop.values()))
+                pools.by_loop = {}
+                pools.pid = _sync._pid
 
     def _drop_closed_loops(self) -> None:
-        for loop in [lp for lp in self._pools if lp.is_closed()]:
+        by_loop = self._pools.by_loop
+        for loop in [lp for lp in by_loop if lp.is_closed()]:
             # Its sentinel is never resumed: a closed loop finalises no async generator.
-            self._abandon_client(self._pools.pop(loop).client)
+            pool = by_loop.pop(loop)
+            pool.abandoned = True
+            self._pools.abandon(pool.client)
 
     def _add_pool(self, loop: asyncio.AbstractEventLoop) -> _Pool[C]:
+        pools = self._pools
         with _sync._renew_lock:  # another thread's loop may be adding its pool right now
             self._drop_closed_loops()
-            pool = self._pools.get(loop)
+            pool = pools.by_loop.get(loop)
             if pool is None:
                 pool = _Pool(self._new_client())
-                pool.sentinel = self._close_at_loop_end(loop, pool)
+                pool.sentinel = _close_at_loop_end(pools, loop, pool)
                 try:  # the first step registers it with the running loop (sys.set_asyncgen_hooks)
                     pool.sentinel.asend(None).send(None)
                 except StopIteration:
                     pass
-                self._pools[loop] = pool
+                pools.by_loop[loop] = pool
             return pool
-
-    async def _close_at_loop_end(self, loop: asyncio.AbstractEventLoop, pool: _Pool[C]) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:  # run by asyncio.run()'s shutdown_asyncgens() or by aclose(), in this loop
-            if self._pools.get(loop) is pool:
-                self._pools.pop(loop, None)
-            try:
-                await self._close_client(pool.client)
-            except Exception:  # best effort: the loop is shutting down
-                logger.debug("closing an async HTTP pool failed", exc_info=True)
 
     async def aclose(self) -> None:
         """Close the pool of the running loop (and drop those of closed loops); a client you
@@ -225,14 +433,21 @@ class _PerLoop(Generic[C]):
             if self._close_user_client:
                 await self._close_client(self._user_client)
             return
-        if self._pid != _sync._pid:
+        if self._pools.pid != _sync._pid:
             self._after_fork()
         loop = asyncio.get_running_loop()
         with _sync._renew_lock:
             self._drop_closed_loops()
-            pool = self._pools.pop(loop, None)
+            pool = self._pools.by_loop.pop(loop, None)
         if pool is not None and pool.sentinel is not None:
             await pool.sentinel.aclose()  # runs its finally: closes the client in this loop
+
+
+def _deadline_error(method: str, url: str, timeout: Optional[float], attempt: _Attempt) -> DtmTimeout:
+    secs = timeout if timeout is None else round(timeout, 3)  # the client passes what is left of its budget
+    if attempt.may_be_sent:
+        return DtmTimeout(f"{method} {url} timed out after {secs} s")
+    return DtmConnectTimeout(f"{method} {url}: no connection within the {secs} s timeout; nothing was sent")
 
 
 # -- httpx ------------------------------------------------------------------------------------------
@@ -247,8 +462,10 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
     ``NO_PROXY`` from the environment (default: only when a proxy variable is set, like the sync
     default transport). No cookies are kept. For anything else pass your own ``client``: it is
     used as is, in whatever loop and process you call from (it must belong to that loop), and
-    closed by ``aclose()`` only with ``close_client=True``. Measured 3.5-20x the CPU of
-    :class:`AiohttpTransport` per request (bench/bench_async_transport.py).
+    closed by ``aclose()`` only with ``close_client=True``. A ``raise_for_status`` response hook of
+    yours does not turn DTM's 409/425/5xx answers into errors. With your own client a deadline is
+    always :class:`DtmTimeout` (its transport may not report when it starts sending). Measured
+    3.5-20x the CPU of :class:`AiohttpTransport` per request (bench/bench_async_transport.py).
     """
 
     def __init__(
@@ -264,7 +481,6 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
     ) -> None:
         self.timeout = check_timeout(timeout)
         self._httpx = _import("httpx", "httpx")
-        self._anyio = _import("anyio", "httpx")
         if isinstance(pool_maxsize, bool) or not isinstance(pool_maxsize, int) or pool_maxsize < 1:
             raise DtmInvalidInput(f"pool_maxsize must be a positive int, not {pool_maxsize!r}")
         self._client_kwargs: dict[str, Any] = {
@@ -284,7 +500,8 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
         client: httpx.AsyncClient = self._httpx.AsyncClient(verify=self._ssl_context, **self._client_kwargs)
         return client
 
-    async def _close_client(self, client: httpx.AsyncClient) -> None:
+    @staticmethod
+    async def _close_client(client: httpx.AsyncClient) -> None:
         await client.aclose()
 
     async def request(
@@ -304,21 +521,18 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
             timeout = self.timeout
         started = time.perf_counter()
         lib = self._httpx
+        # With its own client, httpcore reports (trace extension) when it starts writing the request;
+        # another client's transport may not, so there a deadline always means "may have been sent".
+        attempt = _Attempt(may_be_sent=self._user_client is not None)
+        client = self._client()
+        if client.is_closed:
+            raise _closed_client("httpx client", "close_client")
         try:
             target = request_target(url, params)
-            client = self._client()
-            if timeout is None:
-                r = await client.request(method, target, content=body, headers=headers, timeout=None,
-                                         follow_redirects=False)
-            else:
-                # httpx only bounds each operation (a byte a second never trips them): a cancel scope
-                # bounds the whole exchange. anyio is httpx's own dependency.
-                scope = self._anyio.CancelScope(deadline=asyncio.get_running_loop().time() + timeout)
-                with scope:
-                    r = await client.request(method, target, content=body, headers=headers, timeout=None,
-                                             follow_redirects=False)
-                if scope.cancelled_caught:
-                    raise TimeoutError("total deadline")
+            work = self._send(client, method, target, body, headers, attempt)
+            status, content = await (work if timeout is None else _within(work, timeout))
+        except _Expired as exc:
+            raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
         except (TimeoutError, asyncio.TimeoutError, lib.TimeoutException) as exc:
             raise DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}") from exc
         except lib.ConnectError as exc:
@@ -327,13 +541,58 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
             raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
         except (lib.HTTPError, lib.InvalidURL, OSError, ValueError) as exc:
             raise DtmTransportError(f"{method} {url} failed: {exc!r}") from exc
-        content = r.content
         if logger.isEnabledFor(logging.DEBUG):
-            _log_exchange(method, url, r.status_code, started, content)
-        return Response(r.status_code, content)
+            _log_exchange(method, url, status, started, content)
+        return Response(status, content)
+
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        target: str,
+        body: Optional[bytes],
+        headers: Optional[Mapping[str, str]],
+        attempt: _Attempt,
+    ) -> tuple[int, bytes]:
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            # The first write of the request itself (a proxy's CONNECT is still connecting).
+            if event.endswith(".send_request_headers.started"):
+                request = info.get("request")
+                if getattr(request, "method", None) != b"CONNECT":
+                    attempt.may_be_sent = True
+
+        try:
+            r = await client.request(method, target, content=body, headers=headers, timeout=None,
+                                     follow_redirects=False, extensions={"trace": trace})
+        except self._httpx.HTTPStatusError as exc:  # a raise_for_status hook of the caller's client
+            r = exc.response
+            try:
+                await r.aread()
+            except self._httpx.StreamError:  # closed unread by httpx: only the status is known
+                return r.status_code, b""
+        return r.status_code, r.content
 
 
 # -- aiohttp ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _marking_connector(base: type) -> type:
+    """``base`` (aiohttp's TCPConnector) noting in the running request's attempt when it has a connection.
+
+    ``connect()`` covers waiting for a free slot, DNS, TCP, the proxy's CONNECT and TLS: until it
+    returns, nothing of the request can have been sent.
+    """
+
+    class MarkingConnector(base):  # type: ignore[misc]
+        async def connect(self, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            attempt = _current_attempt.get()
+            if attempt is not None:
+                attempt.may_be_sent = True
+            return conn
+
+    return MarkingConnector
 
 
 class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
@@ -345,7 +604,9 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
     ``.netrc`` from the environment (default: only when a proxy variable is set, like the sync
     default transport). No cookies are kept. For anything else pass your own ``session``: it is
     used as is, in whatever loop and process you call from (it must belong to that loop), and
-    closed by ``aclose()`` only with ``close_session=True``.
+    closed by ``aclose()`` only with ``close_session=True``. Its ``raise_for_status`` and timeouts
+    are not used (DTM's 409/425/5xx are answers, not errors; the deadline is ``timeout``), and with
+    it a deadline is :class:`DtmTimeout` (its connector does not report when the connection is made).
     """
 
     def __init__(
@@ -367,46 +628,35 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
         self._pool_maxsize = pool_maxsize
         self._ssl: Any = True if ssl_context is None else ssl_context
         self._trust_env = _env_has_proxy() if trust_env is None else trust_env
-        self._request_kwargs: dict[str, Any] = {"allow_redirects": False}
+        # The deadline is this module's (_within): aiohttp's own is off, also a user session's.
+        self._request_kwargs: dict[str, Any] = {
+            "allow_redirects": False, "raise_for_status": False, "timeout": lib.ClientTimeout()
+        }
         if proxy_url is not None:
             self._request_kwargs["proxy"] = proxy_url
-        self._no_deadline = lib.ClientTimeout()
-        # total covers connect, send and reading the body; aiohttp rounds a total above ceil_threshold
-        # (5 s by default) up to a whole second of the loop's clock: never here (aiohttp < 3.9 always does).
-        self._ceil: dict[str, float] = {"ceil_threshold": _sync.MAX_TIMEOUT * 2}
-        try:
-            lib.ClientTimeout(total=1.0, **self._ceil)
-        except TypeError:
-            self._ceil = {}
-        self._deadline_cache: tuple[float, Any] = (-1.0, None)
+        # aiohttp >= 3.10 raises it when its own connect timeout fires (not ours, unless it changes).
+        self._connect_timeout_error: Any = getattr(lib, "ConnectionTimeoutError", ())
         super().__init__(session, close_session)
 
     def _new_client(self) -> aiohttp.ClientSession:
         lib = self._aiohttp
-        connector = lib.TCPConnector(limit=self._pool_maxsize, ssl=self._ssl)
+        connector = _marking_connector(lib.TCPConnector)(limit=self._pool_maxsize, ssl=self._ssl)
         session: aiohttp.ClientSession = lib.ClientSession(
             connector=connector, trust_env=self._trust_env, cookie_jar=lib.DummyCookieJar()
         )
         return session
 
-    async def _close_client(self, client: aiohttp.ClientSession) -> None:
+    @staticmethod
+    async def _close_client(client: aiohttp.ClientSession) -> None:
         await client.close()
 
-    def _abandon_client(self, client: aiohttp.ClientSession) -> None:
+    @staticmethod
+    def _abandon_client(client: aiohttp.ClientSession) -> None:
         # Marked closed, its finalizers neither warn nor call transport.close() (which needs the loop,
         # or on TLS would send close_notify on a socket the parent still uses): the OS closes the fds.
         connector = client.connector
         if connector is not None and hasattr(connector, "_closed"):
             connector._closed = True
-
-    def _client_timeout(self, timeout: Optional[float]) -> Any:
-        if timeout is None:
-            return self._no_deadline
-        last, ct = self._deadline_cache
-        if last != timeout:
-            ct = self._aiohttp.ClientTimeout(total=timeout, **self._ceil)
-            self._deadline_cache = (timeout, ct)
-        return ct
 
     async def request(
         self,
@@ -425,17 +675,18 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
             timeout = self.timeout
         started = time.perf_counter()
         lib = self._aiohttp
+        attempt = _Attempt(may_be_sent=self._user_client is not None)  # a user's connector does not tell
+        session = self._client()
+        if session.closed:
+            raise _closed_client("aiohttp session", "close_session")
         try:
             target = self._yarl.URL(request_target(url, params), encoded=True)
-            session = self._client()
-            async with session.request(
-                method, target, data=body, headers=headers, timeout=self._client_timeout(timeout),
-                # aiohttp would add Content-Type: application/octet-stream to a body sent without one
-                skip_auto_headers=_NO_AUTO_CONTENT_TYPE if body is not None else None,
-                **self._request_kwargs,
-            ) as r:
-                content = await r.read()
-                status = r.status
+            work = self._send(session, method, target, body, headers, attempt)
+            status, content = await (work if timeout is None else _within(work, timeout))
+        except _Expired as exc:
+            raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
+        except self._connect_timeout_error as exc:  # aiohttp's: raised only while connecting
+            raise DtmConnectTimeout(f"{method} {url}: connecting timed out: {exc!r}") from exc
         except (TimeoutError, asyncio.TimeoutError) as exc:  # aiohttp's ServerTimeoutError is one too
             raise DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}") from exc
         except lib.ClientSSLError as exc:
@@ -447,6 +698,27 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
         if logger.isEnabledFor(logging.DEBUG):
             _log_exchange(method, url, status, started, content)
         return Response(status, content)
+
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        target: Any,
+        body: Optional[bytes],
+        headers: Optional[Mapping[str, str]],
+        attempt: _Attempt,
+    ) -> tuple[int, bytes]:
+        token = _current_attempt.set(attempt)
+        try:
+            async with session.request(
+                method, target, data=body, headers=headers,
+                # aiohttp would add Content-Type: application/octet-stream to a body sent without one
+                skip_auto_headers=_NO_AUTO_CONTENT_TYPE if body is not None else None,
+                **self._request_kwargs,
+            ) as r:
+                return r.status, await r.read()
+        finally:
+            _current_attempt.reset(token)
 
 
 _NO_AUTO_CONTENT_TYPE = ("Content-Type",)

@@ -7,8 +7,11 @@ The same table, rows and decisions as the blocking barrier: both run the one bar
 (:mod:`dtmcli._barrier.core`) and share the SQL statements, Lua scripts and error mapping; only the
 I/O differs. SQL on asyncpg, psycopg 3 ``AsyncConnection``, aiomysql and SQLAlchemy
 ``AsyncConnection``/``AsyncSession``/``AsyncEngine``; Redis on ``redis.asyncio``; MongoDB on pymongo's
-``AsyncMongoClient`` (**experimental**). A cancelled barrier call rolls its local transaction back
-(the rollback runs to its end) and re-raises the cancellation.
+``AsyncMongoClient`` (**experimental**). A connection serves one barrier call at a time: a call from
+another task on a connection in use is refused (DtmInvalidInput), so concurrent calls take their
+connections from a pool, engine or factory. A cancelled barrier call rolls its local transaction
+back and re-raises the cancellation; a SQL rollback that the database does not finish within
+``CANCEL_GRACE`` seconds (``dtmcli.asyncio._barrier_common``, 5) closes the connection instead.
 """
 
 from __future__ import annotations
@@ -50,27 +53,37 @@ class BranchBarrier(BarrierBase):
 
     # -- SQL ---------------------------------------------------------------------------------
 
-    async def call(self, conn: Any, busi: Busi[R], *, dialect: Optional[str] = None) -> Optional[R]:
+    async def call(
+        self, conn: Any, busi: Busi[R], *, dialect: Optional[str] = None, join_transaction: bool = True
+    ) -> Optional[R]:
         """Await ``busi(conn)`` under the barrier in one local transaction on ``conn``.
 
         ``conn`` is an asyncpg connection, a psycopg ``AsyncConnection`` or an aiomysql connection
         (the barrier begins, commits or rolls back, and refuses a connection with an open
         transaction), or a SQLAlchemy ``AsyncConnection``/``AsyncSession`` (the barrier joins an open
-        transaction through a savepoint and the caller commits; otherwise it owns the transaction).
-        Returns ``busi``'s result, or ``None`` when the call was a duplicate, suspended or a null
-        compensation. Raises DtmDuplicated for a repeated msg, BarrierConflict (retryable, 425) on
-        lock waits and deadlocks, BarrierDatabaseError on database failures, or what ``busi`` raised.
+        transaction through a savepoint and the caller commits; otherwise it owns the transaction;
+        ``join_transaction=False`` refuses an open one instead). A connection serves one call at a
+        time: a call on it from another task (``asyncio.gather``, concurrent requests) is refused
+        with DtmInvalidInput before it touches the connection, so give concurrent calls a pool,
+        engine or factory (:meth:`call_with_db`). Returns ``busi``'s result, or ``None`` when the
+        call was a duplicate, suspended or a null compensation. Raises DtmDuplicated for a repeated
+        msg, BarrierConflict (retryable, 425) on lock waits and deadlocks, BarrierDatabaseError on
+        database failures (also when MySQL rolled the transaction back under ``busi``, which caught
+        the deadlock), or what ``busi`` raised.
         """
         result: Optional[R] = await _sql.barrier_call(conn, self, busi, table=self.table, dialect=dialect,
-                                                      on_decision=self._record)
+                                                      on_decision=self._record, join=join_transaction)
         return result
 
-    async def call_with_db(self, db: Any, busi: Busi[R], *, dialect: Optional[str] = None) -> Optional[R]:
-        """Like :meth:`call`, taking the connection from ``db``: a connection or session, a SQLAlchemy
-        ``AsyncEngine``, an asyncpg/aiomysql/psycopg_pool pool, or a zero-argument factory (see
-        :func:`dtmcli.asyncio._barrier_sql.connection_from`)."""
+    async def call_with_db(
+        self, db: Any, busi: Busi[R], *, dialect: Optional[str] = None, join_transaction: bool = True
+    ) -> Optional[R]:
+        """Like :meth:`call`, taking the connection from ``db``: a SQLAlchemy ``AsyncEngine``, an
+        asyncpg/aiomysql pool, a zero-argument factory (see
+        :func:`dtmcli.asyncio._barrier_sql.connection_from`), or a connection or session (used as is:
+        one call at a time)."""
         async with _sql.connection_from(db) as conn:
-            return await self.call(conn, busi, dialect=dialect)
+            return await self.call(conn, busi, dialect=dialect, join_transaction=join_transaction)
 
     async def query_prepared(self, db: Any, *, dialect: Optional[str] = None) -> None:
         """The msg ``query_prepared`` check for this barrier's gid on ``db`` (any :meth:`call_with_db`

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Optional, TypeVar
 
-from .._barrier_decorator import checked_sync_source, is_async_db
+from .._barrier.core import validate_table
+from .._barrier_decorator import check_async_source, checked_sync_source, is_async_db
 from .._consts import MSG
 from ..barrier import BranchBarrier
 from ..branch import BranchInfo, BranchResponse, handle_query, handle_query_async
 from ..errors import BranchRequestError
 
-__all__ = ["is_async_db", "named_view", "query_prepared_answer", "query_prepared_answer_async"]
+__all__ = ["is_async_db", "named_view", "query_prepared_answer", "query_prepared_answer_async", "view_is_async"]
 
 ViewT = TypeVar("ViewT", bound=Callable[..., Any])
 _VIEW_NUMBERS = itertools.count(1)
@@ -27,6 +28,18 @@ def named_view(view: ViewT) -> ViewT:
     name = f"dtm_query_prepared_{next(_VIEW_NUMBERS)}"
     view.__name__ = view.__qualname__ = name
     return view
+
+
+def view_is_async(db: Any, table: Optional[str]) -> bool:
+    """Whether a query_prepared view on ``db`` must be an ``async def`` one; refuses, when the view is
+    made, a bad ``table`` and an async database the view could not use or would share between
+    concurrent requests (a single connection or session, see ``@barrier``)."""
+    if table is not None:
+        validate_table(table)
+    if not is_async_db(db):
+        return False
+    check_async_source(db, "sql")
+    return True
 
 
 def _require_msg(info: BranchInfo) -> None:
@@ -60,8 +73,9 @@ async def query_prepared_answer_async(
 ) -> BranchResponse:
     """:func:`query_prepared_answer` on an async database (:mod:`dtmcli.asyncio.barrier`), awaited on the loop.
 
-    ``db`` is anything the async barrier accepts (an asyncpg or aiomysql pool or connection, a
-    psycopg ``AsyncConnection``, a SQLAlchemy async engine/connection/session, an ``async def`` factory).
+    ``db`` is anything the async barrier accepts (an asyncpg or aiomysql pool, psycopg_pool's
+    ``pool.connection``, a SQLAlchemy ``AsyncEngine`` or ``async_sessionmaker``, an ``async def``
+    factory; a single connection or session serves one call at a time).
     """
     from ..asyncio.barrier import BranchBarrier as AsyncBranchBarrier
 

@@ -90,13 +90,14 @@ def query_prepared_view(
 
     ``path("QueryPrepared", query_prepared_view())`` uses the ``default`` database; pass
     ``"django:<alias>"`` or anything ``@barrier(db=...)`` accepts. Exempt from CSRF checks. With an
-    async database (an asyncpg or aiomysql pool, a psycopg ``AsyncConnection``, a SQLAlchemy async
-    engine, an ``async def`` factory) the view is an ``async def`` view using
+    async database (an asyncpg or aiomysql pool, psycopg_pool's ``pool.connection``, a SQLAlchemy
+    ``AsyncEngine``, an ``async def`` factory; a single async connection or session, which
+    concurrent requests would share, is refused) the view is an ``async def`` view using
     :mod:`dtmcli.asyncio.barrier`.
     """
-    from ._query_prepared import is_async_db, named_view, query_prepared_answer, query_prepared_answer_async
+    from ._query_prepared import named_view, query_prepared_answer, query_prepared_answer_async, view_is_async
 
-    if is_async_db(db):
+    if view_is_async(db, table):
 
         async def dtm_query_prepared_async(request: HttpRequest) -> HttpResponse:
             return as_response(await query_prepared_answer_async(request, db, table=table, dialect=dialect))

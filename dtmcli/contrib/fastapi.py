@@ -15,8 +15,10 @@ raised error, and other dtmcli errors 500 (see :func:`dtmcli.branch.error_respon
 value goes through :func:`dtmcli.branch.success_response` as in every integration, so one whose
 JSON holds the words FAILURE/ONGOING is a 500. A returned Starlette ``Response`` is sent unchanged,
 as Flask and Django send a view's own response: its body is not inspected (return a dict or raise
-DtmFailure to fail). Other exceptions (FastAPI's own HTTPException, validation errors, bugs) go to
-the application's handlers as usual. Routes may be ``async def`` (run on the event loop, with the
+DtmFailure to fail). FastAPI's ``HTTPException`` with status 409 or 425 is answered as DtmFailure or
+DtmOngoing (FAILURE only where the op allows it, else 500), as in every integration (Flask's
+``abort(409)`` too). Other exceptions (other HTTPExceptions, validation errors, bugs) go to the
+application's handlers as usual. Routes may be ``async def`` (run on the event loop, with the
 same mapping) or plain ``def`` (run in the thread pool); :func:`dtmcli.branch.current_branch_info`
 is the call of the request being served in either, and ``@barrier(db_arg="conn")`` runs an async
 route's work in the barrier on a dependency-injected async connection.
@@ -37,6 +39,7 @@ from typing import Annotated, Any, Callable, Coroutine, Optional
 from fastapi import Depends
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -139,9 +142,9 @@ class DtmRoute(APIRoute):
     """An APIRoute answering as DTM expects: use ``APIRouter(route_class=DtmRoute)``.
 
     The query is validated before the route runs (400 when it is not a branch call); dtmcli errors
-    raised by the route or its dependencies are mapped by :func:`dtmcli.branch.error_response` for
-    this call's op, and a returned value by :func:`dtmcli.branch.success_response` (a returned
-    ``Response`` is sent unchanged).
+    and ``HTTPException`` 409/425 raised by the route or its dependencies are mapped by
+    :func:`dtmcli.branch.error_response` for this call's op, and a returned value by
+    :func:`dtmcli.branch.success_response` (a returned ``Response`` is sent unchanged).
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
@@ -163,6 +166,10 @@ class DtmRoute(APIRoute):
                     response = _checked(response, info) or response
                 except DtmError as exc:
                     response = as_response(error_response(exc, info))
+                except HTTPException as exc:
+                    if exc.status_code not in (409, 425):
+                        raise
+                    response = as_response(error_response(exc, info))  # FAILURE/ONGOING, for this op
                 _otel.outcome(response.status_code)
                 return response
 

@@ -96,9 +96,9 @@ def query_prepared_view(
     With an async database (an ``async def`` factory: Flask runs each async view in a new event
     loop) the view is an ``async def`` view using :mod:`dtmcli.asyncio.barrier`.
     """
-    from ._query_prepared import is_async_db, named_view, query_prepared_answer, query_prepared_answer_async
+    from ._query_prepared import named_view, query_prepared_answer, query_prepared_answer_async, view_is_async
 
-    if is_async_db(db):
+    if view_is_async(db, table):
 
         async def dtm_query_prepared_async() -> WerkzeugResponse:
             return as_response(await query_prepared_answer_async(flask.request, db, table=table, dialect=dialect))

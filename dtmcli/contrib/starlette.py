@@ -68,13 +68,14 @@ def query_prepared_endpoint(
     ``app.get("/QueryPrepared")(query_prepared_endpoint(engine))``; ``db`` is anything
     ``@barrier(db=...)`` accepts. With a synchronous database it is a plain function, which
     Starlette and FastAPI run in their thread pool; with an async one (an asyncpg or aiomysql pool,
-    a psycopg ``AsyncConnection``, a SQLAlchemy ``AsyncEngine``, an ``async def`` factory) an
+    psycopg_pool's ``pool.connection``, a SQLAlchemy ``AsyncEngine``, an ``async def`` factory; a
+    single async connection or session, which concurrent requests would share, is refused) an
     ``async def`` endpoint awaiting :mod:`dtmcli.asyncio.barrier` on the loop. Errors are answered
     by the endpoint itself (no exception handlers needed).
     """
-    from ._query_prepared import is_async_db, named_view, query_prepared_answer, query_prepared_answer_async
+    from ._query_prepared import named_view, query_prepared_answer, query_prepared_answer_async, view_is_async
 
-    if is_async_db(db):
+    if view_is_async(db, table):
 
         async def dtm_query_prepared_async(request: Request) -> Response:
             return as_response(await query_prepared_answer_async(request, db, table=table, dialect=dialect))

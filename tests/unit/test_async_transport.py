@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,8 +27,9 @@ from urllib.parse import urlencode
 import pytest
 from web_servers import serve_http
 
-from dtmcli import DtmConnectError, DtmInvalidInput, DtmTimeout, DtmTransportError
+from dtmcli import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 from dtmcli._transport import Urllib3Transport
+from dtmcli.asyncio import _transport as transport_module
 from dtmcli.asyncio._transport import (
     AiohttpTransport,
     AsyncTransport,
@@ -244,6 +247,27 @@ def test_request_target_cache_matches_a_full_parse() -> None:
 
 
 @pytest.mark.parametrize("factory", TRANSPORTS)
+def test_credentials_in_the_url_are_never_sent(server: ThreadingHTTPServer, factory: Factory) -> None:
+    """urllib3, the sync default, ignores a URL's userinfo: the async transports send it neither."""
+    url = base_of(server).replace("//", "//user:secret@") + "/api/dtmsvr/query"
+    sync = Urllib3Transport()
+    sync.request("GET", url, params={"gid": "G1"})
+    sync.close()
+
+    async def main() -> None:
+        t = factory()
+        await t.request("GET", url, params={"gid": "G1"})
+        await t.request("GET", f"{url}#frag", params={"gid": "G1"})
+        await t.aclose()
+
+    run(main())
+    seen = server.seen  # type: ignore[attr-defined]
+    assert [s["target"] for s in seen] == ["/api/dtmsvr/query?gid=G1"] * 2 + ["/api/dtmsvr/query"]
+    assert [s["headers"].get("Authorization") for s in seen] == [None] * 3
+    assert "secret" not in request_target(url, {"gid": "G1"}) + request_target(url, None)
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
 def test_redirects_are_not_followed_and_cookies_not_kept(server: ThreadingHTTPServer, factory: Factory) -> None:
     base = base_of(server).replace("127.0.0.1", "localhost")  # aiohttp keeps no cookie for an IP address
 
@@ -288,11 +312,12 @@ def test_silent_server_times_out_within_the_deadline(factory: Factory) -> None:
     srv = RawServer(never)
     started = time.monotonic()
     try:
-        with pytest.raises(DtmTimeout):
+        with pytest.raises(DtmTimeout) as info:
             run(factory(timeout=0.3).request("GET", f"{srv.url}/x"))
     finally:
         srv.close()
     assert 0.25 < time.monotonic() - started < 1.5
+    assert not isinstance(info.value, DtmConnectError), "the request went out: it may have been processed"
 
 
 DRIPPED = answer(b'{"transaction":null,"branches":[]}' * 3)
@@ -334,9 +359,253 @@ def test_dripping_server_hits_the_total_deadline(factory: Factory) -> None:
         srv.close()
 
 
-def test_aiohttp_deadlines_are_not_rounded_up_to_whole_seconds() -> None:
-    # aiohttp rounds deadlines above its ceil_threshold (5 s) up to the next whole second.
-    assert AiohttpTransport()._client_timeout(7.0).ceil_threshold > 7.0
+# -- a deadline before or after the request went out ----------------------------------------------------
+
+
+@pytest.fixture
+def unreachable() -> Iterator[str]:
+    """An address whose TCP connects never complete: a listener whose accept queue is full drops SYNs."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    addr = srv.getsockname()
+    fillers = []
+    for _ in range(64):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(addr)
+        fillers.append(s)
+        if not select.select([], [s], [], 0.2)[1]:  # this one hangs: the queue is full
+            break
+    else:
+        pytest.fail("could not fill the listen queue")
+    try:
+        yield f"http://127.0.0.1:{addr[1]}"
+    finally:
+        for s in [*fillers, srv]:
+            s.close()
+
+
+def silent_after(answered: int) -> Callable[[socket.socket, threading.Event], None]:
+    """A RawServer answer: the first ``answered`` requests of a connection get 200, the next none."""
+
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        buf = bytearray()
+        for _ in range(answered):
+            if not read_request(conn, buf):
+                return
+            conn.sendall(answer(b"{}"))
+        read_request(conn, buf)
+        stop.wait(10)
+
+    return serve
+
+
+def _deadline_of(coro: Any) -> tuple[BaseException, float]:
+    started = time.monotonic()
+    with pytest.raises(DtmTimeout) as info:
+        run(coro)
+    return info.value, time.monotonic() - started
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_while_connecting_is_a_connect_timeout(unreachable: str, factory: Factory) -> None:
+    """As the sync transports: nothing was sent, so a submit may be sent again or to another server."""
+    exc, took = _deadline_of(factory(timeout=0.4).request("POST", f"{unreachable}/api/dtmsvr/submit", body=b"{}"))
+    assert isinstance(exc, DtmConnectTimeout) and isinstance(exc, DtmConnectError), repr(exc)
+    assert 0.35 < took < 1.5
+    with pytest.raises(DtmConnectTimeout):  # the same answer as the sync default transport
+        Urllib3Transport(timeout=0.4).request("POST", f"{unreachable}/x", body=b"{}")
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_during_the_tls_handshake_is_a_connect_timeout(factory: Factory) -> None:
+    srv = RawServer(lambda conn, stop: stop.wait(10))  # accepts, never answers the ClientHello
+    try:
+        exc, _ = _deadline_of(factory(timeout=0.4).request("GET", srv.url.replace("http:", "https:") + "/x"))
+    finally:
+        srv.close()
+    assert isinstance(exc, DtmConnectTimeout), repr(exc)
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_at_the_proxy(factory: Factory) -> None:
+    """Through a silent proxy: an https target is still connecting (CONNECT unanswered), an http one
+    was handed to the proxy, which may have forwarded it."""
+    srv = RawServer(silent_after(0))
+    try:
+        tunnel, _ = _deadline_of(factory(timeout=0.4, proxy_url=srv.url).request("GET", "https://dtm.invalid/x"))
+        forward, _ = _deadline_of(factory(timeout=0.4, proxy_url=srv.url).request("GET", "http://dtm.invalid/x"))
+    finally:
+        srv.close()
+    assert isinstance(tunnel, DtmConnectTimeout), repr(tunnel)
+    assert not isinstance(forward, DtmConnectError), repr(forward)
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_on_a_reused_connection_is_not_a_connect_timeout(factory: Factory) -> None:
+    srv = RawServer(silent_after(1))
+
+    async def main() -> None:
+        t = factory(timeout=0.4)
+        assert (await t.request("GET", f"{srv.url}/first")).status == 200
+        with pytest.raises(DtmTimeout) as info:
+            await t.request("GET", f"{srv.url}/second")  # the same connection: nothing to connect
+        assert not isinstance(info.value, DtmConnectError), repr(info.value)
+        await t.aclose()
+
+    try:
+        run(main())
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_waiting_for_a_free_connection_is_a_connect_timeout(factory: Factory) -> None:
+    """The pool's only connection is busy: the second request never left."""
+    srv = RawServer(silent_after(0))
+
+    async def main() -> None:
+        t = factory(timeout=5, pool_maxsize=1)
+        busy = asyncio.ensure_future(t.request("GET", f"{srv.url}/busy"))
+        await asyncio.sleep(0.2)
+        with pytest.raises(DtmConnectTimeout):
+            await t.request("GET", f"{srv.url}/queued", timeout=0.3)
+        busy.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await busy
+        await t.aclose()
+
+    try:
+        run(main())
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_deadline_with_the_users_client_may_have_been_sent(unreachable: str, factory: Factory) -> None:
+    """Another client's connector or transport does not tell when it starts sending: DtmTimeout."""
+
+    async def main() -> None:
+        if factory is AiohttpTransport:
+            import aiohttp
+
+            own: Any = aiohttp.ClientSession()
+        else:
+            import httpx
+
+            own = httpx.AsyncClient()
+        t = factory(own, timeout=0.3)
+        with pytest.raises(DtmTimeout) as info:
+            await t.request("GET", f"{unreachable}/x")
+        assert not isinstance(info.value, DtmConnectError)
+        await (own.close() if factory is AiohttpTransport else own.aclose())
+
+    run(main())
+
+
+def test_aiohttps_own_connect_timeout_is_a_connect_timeout() -> None:
+    """aiohttp raises ConnectionTimeoutError only while connecting (here: a resolver that times out),
+    which says "nothing sent" even for a user session."""
+    import aiohttp
+
+    class TimingOutResolver(aiohttp.abc.AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> Any:
+            raise asyncio.TimeoutError
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=TimingOutResolver())) as own:
+            with pytest.raises(DtmConnectTimeout):
+                await AiohttpTransport(own, timeout=5).request("GET", "http://dtm.invalid/x")
+
+    if not hasattr(aiohttp, "ConnectionTimeoutError"):
+        pytest.skip("aiohttp < 3.10 has no ConnectionTimeoutError")
+    run(main())
+
+
+def test_async_submit_that_never_left_can_be_sent_again(unreachable: str) -> None:
+    """The async client now tells "nothing sent" too: the saga stays new and the next submit goes out."""
+    from dtmcli.asyncio import AsyncDtmClient, Saga
+    from dtmcli.testing import DtmTestServer
+
+    async def main(dtm_url: str) -> tuple[str, str]:
+        client = AsyncDtmClient([f"{unreachable}/api/dtmsvr", dtm_url], timeout=0.5)
+        saga = Saga(client).add("http://127.0.0.1:1/busi/a", "http://127.0.0.1:1/busi/b", {})
+        with pytest.raises(DtmConnectTimeout):
+            await saga.submit()
+        first = saga.state
+        await saga.submit()  # the unreachable server was set aside: the other one takes it
+        status = await client.query_status(saga.gid)
+        await client.aclose()
+        return first, status
+
+    with DtmTestServer() as dtm:
+        assert run(main(dtm.url)) == ("new", "submitted")
+
+
+# -- cancellation against the deadline --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("own_task", [False, True], ids=["same-task", "own-task"])
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel-first", "deadline-first"])
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_a_cancel_in_the_iteration_the_deadline_fires_wins(
+    factory: Factory, cancel_first: bool, own_task: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``task.cancel()`` and the deadline due in one loop iteration, in either order: the caller's
+    cancellation is never turned into DtmTimeout. ``own-task`` is the Python < 3.11 implementation."""
+    if not own_task and sys.version_info < (3, 11):
+        pytest.skip("Python < 3.11 always runs the request in its own task")
+    monkeypatch.setattr(transport_module, "_OWN_TASK", own_task, raising=False)
+    srv = RawServer(silent_after(1))
+    deadline = 0.3
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t = factory(timeout=5)
+        await t.request("GET", f"{srv.url}/warm")  # connected: only the deadline and the cancel remain
+        before = loop.time()
+        task = asyncio.ensure_future(t.request("GET", f"{srv.url}/hang", timeout=deadline))
+        await asyncio.sleep(0)  # its first step has set the deadline, due in [before, after] + deadline
+        after = loop.time()
+        cancel_at = before + deadline - 0.005 if cancel_first else after + deadline + 0.005
+        loop.call_at(cancel_at, task.cancel)
+        # Block the loop past both, so that they are run in the same iteration.
+        loop.call_at(before + deadline - 0.05, time.sleep, 0.1)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await t.aclose()
+
+    try:
+        run(main())
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_the_callers_timeouts_and_cancellation_are_left_alone(factory: Factory) -> None:
+    srv = RawServer(silent_after(0))
+
+    async def main() -> None:
+        t = factory(timeout=0.2)
+        with pytest.raises(DtmTimeout):
+            await t.request("GET", f"{srv.url}/a")
+        task = asyncio.current_task()
+        assert task is not None
+        if sys.version_info >= (3, 11):
+            assert task.cancelling() == 0  # the deadline's cancellation was taken back
+        await asyncio.sleep(0.01)  # and none is pending
+        with pytest.raises(asyncio.TimeoutError):  # the caller's own, shorter deadline is the caller's
+            await asyncio.wait_for(factory(timeout=5).request("GET", f"{srv.url}/b"), 0.2)
+        await t.aclose()
+
+    try:
+        run(main())
+    finally:
+        srv.close()
 
 
 @pytest.mark.parametrize("factory", TRANSPORTS)
@@ -463,6 +732,65 @@ def test_user_aiohttp_session_is_closed_only_when_asked(server: ThreadingHTTPSer
     run(main())
 
 
+def test_user_aiohttp_session_raising_for_status_still_gets_dtms_answers(server: ThreadingHTTPServer) -> None:
+    """A 409 FAILURE or a 503 is an answer to the flows, not a transport error."""
+    import aiohttp
+
+    async def main() -> list[tuple[int, bytes]]:
+        async with aiohttp.ClientSession(raise_for_status=True) as session:
+            t = AiohttpTransport(session)
+            return [((r := await t.request("POST", f"{base_of(server)}/status/{code}", body=b"{}")).status,
+                     bytes(r.content)) for code in (409, 425, 503)]
+
+    assert run(main()) == [(409, b'{"message":"nope"}'), (425, b'{"message":"nope"}'), (503, b'{"message":"nope"}')]
+
+
+@pytest.mark.parametrize("reads_first", [False, True], ids=["hook-only", "hook-reads-body"])
+def test_user_httpx_client_raising_for_status_still_gets_dtms_answers(
+    server: ThreadingHTTPServer, reads_first: bool
+) -> None:
+    import httpx
+
+    async def raise_for_status(response: httpx.Response) -> None:
+        if reads_first:
+            await response.aread()
+        response.raise_for_status()
+
+    async def main() -> tuple[int, bytes]:
+        async with httpx.AsyncClient(event_hooks={"response": [raise_for_status]}) as client:
+            r = await HttpxTransport(client).request("POST", f"{base_of(server)}/status/409", body=b"{}")
+            return r.status, bytes(r.content)
+
+    assert run(main()) == (409, b'{"message":"nope"}' if reads_first else b"")
+
+
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_closed_user_client_is_invalid_input(server: ThreadingHTTPServer, factory: Factory) -> None:
+    """Closed by its owner, or by ``aclose()`` when asked to: DtmInvalidInput, nothing sent (no RuntimeError)."""
+
+    async def main() -> None:
+        if factory is AiohttpTransport:
+            import aiohttp
+
+            own: Any = aiohttp.ClientSession()
+            closing = factory(own, close_session=True)
+            await own.close()
+        else:
+            import httpx
+
+            own = httpx.AsyncClient()
+            closing = factory(own, close_client=True)
+            await own.aclose()
+        with pytest.raises(DtmInvalidInput, match="closed"):
+            await factory(own).request("GET", f"{base_of(server)}/x")
+        await closing.aclose()
+        with pytest.raises(DtmInvalidInput, match="closed"):
+            await closing.request("GET", f"{base_of(server)}/x")
+
+    run(main())
+    assert server.seen == []  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("factory", TRANSPORTS)
 def test_successive_asyncio_runs_each_get_a_pool_closed_with_their_loop(
     server: ThreadingHTTPServer, factory: Factory
@@ -477,7 +805,7 @@ def test_successive_asyncio_runs_each_get_a_pool_closed_with_their_loop(
     peers = [s["peer"] for s in server.seen]  # type: ignore[attr-defined]
     assert peers[0] != peers[1]
     assert sorted(server.closed) == sorted(peers), "asyncio.run() ended a loop without closing its pool"  # type: ignore[attr-defined]
-    assert t._pools == {}
+    assert t._pools.by_loop == {}
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # its sockets are closed when collected, unclosed
@@ -496,9 +824,88 @@ def test_pool_of_a_loop_closed_without_asyncio_run_is_dropped_quietly(
         assert run(t.request("GET", url)).status == 200
         del loop
         gc.collect()
-    assert len(t._pools) == 0
+        assert len(t._pools.by_loop) == 0
+        other = asyncio.new_event_loop()  # a transport dropped while its only pool's loop is closed
+        t = factory(timeout=5)
+        assert other.run_until_complete(t.request("GET", url)).status == 200
+        other.close()
+        del t, other
+        gc.collect()
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
     assert not unraisable, [u.exc_value for u in unraisable]
+
+
+class Quiet:
+    """Collects what a dropped pool could complain with: loop errors, unraisable exceptions, warnings."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loop_errors: list[Any] = []
+        self.unraisable: list[Any] = []
+        monkeypatch.setattr(sys, "unraisablehook", self.unraisable.append)
+        self._warnings = warnings.catch_warnings(record=True)
+        self.warned = self._warnings.__enter__()
+        warnings.simplefilter("always")
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.set_debug(True)  # asyncio then refuses (and reports) loop calls from other threads
+        loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context.get("message")))
+
+    def check(self) -> None:
+        self._warnings.__exit__(None, None, None)
+        slow = "Executing <"  # debug mode's slow-callback notes are not complaints
+        assert not self.unraisable, [u.exc_value for u in self.unraisable]
+        assert not [m for m in self.loop_errors if not str(m).startswith(slow)], self.loop_errors
+        assert not [w for w in self.warned if issubclass(w.category, ResourceWarning)], [str(w.message)
+                                                                                        for w in self.warned]
+
+
+def _drop_and_collect(holder: list[Any]) -> None:
+    holder.clear()
+    gc.collect()
+
+
+async def _wait_closed(server: ThreadingHTTPServer, peers: set[Any]) -> None:
+    for _ in range(200):
+        if peers <= set(server.closed):  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not closed: {peers - set(server.closed)}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["refcount", "gc-cycle", "other-thread", "client"])
+@pytest.mark.parametrize("factory", TRANSPORTS)
+def test_a_transport_dropped_without_aclose_closes_its_pool_in_its_loop(
+    server: ThreadingHTTPServer, factory: Factory, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client made per call, or a shared client evicted from the cache, is never closed: its pool
+    is closed inside its loop (no "Unclosed client session", no socket closed from a GC thread)."""
+    from dtmcli.asyncio import AsyncDtmClient
+
+    quiet = Quiet(monkeypatch)
+    url = f"{base_of(server)}/x"
+
+    async def main() -> None:
+        quiet.watch(asyncio.get_running_loop())
+        for _ in range(3):
+            holder: list[Any] = [factory(timeout=5)]
+            if how == "client":  # a client made per call, as AsyncDtmClient(url).query(gid)
+                holder = [AsyncDtmClient(f"{base_of(server)}/api/dtmsvr", transport=holder[0])]
+                assert await holder[0].ping()
+            else:
+                assert (await holder[0].request("GET", url)).status == 200
+            if how == "gc-cycle":  # only the cyclic GC can free it
+                holder.append(holder)
+            if how == "other-thread":  # the last reference goes, and GC runs, in another thread
+                th = threading.Thread(target=_drop_and_collect, args=(holder,))
+                th.start()
+                th.join()
+            else:
+                del holder
+                gc.collect()
+            await _wait_closed(server, {s["peer"] for s in server.seen})  # type: ignore[attr-defined]
+
+    run(main())
+    quiet.check()
 
 
 @pytest.mark.parametrize("factory", TRANSPORTS)

@@ -325,3 +325,14 @@ def test_local_work_that_returns_a_coroutine_to_the_sync_driver_aborts() -> None
     assert isinstance(result, DtmInvalidInput) and "did not run" in str(result)
     assert script.paths() == ["prepare", "Call", "abort"]
     assert coroutine.cr_frame is None  # closed: no "never awaited" warning
+
+
+def test_a_submit_refused_by_the_transport_before_sending_may_be_sent_again() -> None:
+    """A transport that refuses the request itself (a closed user session: DtmInvalidInput) sent nothing."""
+    s = saga()
+    with pytest.raises(DtmInvalidInput):
+        Script(DtmInvalidInput("session is closed")).drive(s._run_flow("submit", lambda: s._submit_flow(False)))
+    assert s.state == "new"
+    script = Script(OK)
+    script.drive(s._run_flow("submit", lambda: s._submit_flow(False)))
+    assert script.paths() == ["submit"] and s.state == "submitted"
