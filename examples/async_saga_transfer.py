@@ -4,7 +4,7 @@ The same Saga as saga_transfer.py, from ``dtmcli.asyncio``: building it is ident
 awaited. Ten transfers of 3 from user 1 to user 2 run concurrently; one of them goes to the
 missing account 3, so DTM compensates that one alone and its submit raises DtmFailure.
 
-Run on its own against a DTM server and a running bank service (pip install 'dtmcli[aiohttp]'):
+Run on its own against a DTM server and a running bank service (pip install 'dtmcli[asyncio]'):
     DTM_SERVER=http://localhost:36789/api/dtmsvr BANK_URL=http://localhost:8081/api/busi python async_saga_transfer.py
 """
 
