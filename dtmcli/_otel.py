@@ -115,7 +115,9 @@ def server_span(info: Any, headers: Optional[Mapping[str, str]]) -> Iterator[Any
     if not enabled():
         yield None
         return
-    parent = _propagate.extract(dict(headers or {}))
+    # A framework's own instrumentation may have started the request's span already: nest under it.
+    current = _trace.get_current_span().get_span_context()
+    parent = None if current.is_valid else _propagate.extract(dict(headers or {}))
     span = start(
         f"dtm branch {info.trans_type} {info.op}", server=True, parent=parent,
         gid=info.gid, trans_type=info.trans_type, branch_id=info.branch_id, op=info.op,

@@ -359,7 +359,9 @@ class TransCore:
         body.update(self._options.to_wire())
         trace = _otel.trace_headers()
         if trace:  # DTM forwards branch_headers to every branch call: the handlers join this trace
-            body["branch_headers"] = {**body.get("branch_headers", {}), **trace}
+            own = body.get("branch_headers", {})
+            if not any(name.lower() in _otel.TRACE_HEADERS for name in own):  # the caller's own context wins
+                body["branch_headers"] = {**own, **trace}
         body["concurrent"] = self._concurrent
         body["protocol"] = ""
         return body
@@ -415,6 +417,10 @@ class TransCore:
         body = self.build_body()
         try:
             yield from self._post_trans("submit", body)
+        except DtmConnectError as exc:  # nothing was sent (DtmConnectTimeout too): only recover may resend
+            if not recover:
+                raise
+            yield from self._recover_submit(exc)
         except (DtmFailure, DtmOngoing, DtmServerError, DtmTimeout) as exc:
             # With wait_result, any answer but 200 only says "not succeeded after one pass": 409/425,
             # and for tcc/xa/msg a branch's 500 or a slow pass passed through (protocol.md §6).

@@ -68,7 +68,7 @@ def server_urls(url: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     address :data:`DEFAULT_DTM` the builders use when given none) means ``DTMCLI_SERVER``, else
     the standard local address.
     """
-    if url is None:
+    if url is None or url is DEFAULT_DTM:
         url = env_urls() or DEFAULT_DTM
     parts = url.split(",") if isinstance(url, str) else list(url)
     urls: list[str] = []
@@ -236,7 +236,7 @@ class ClientBase:
                 url = f"{base}/{path}"
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    message = f"{method} {url}: the {budget} s timeout ran out before a retry"
+                    message = f"{method} {path}: the {budget} s timeout ran out before a retry"
                     if refused is not None:  # nothing was sent: say so, the recover rules depend on it
                         raise DtmConnectTimeout(f"{message} (last attempt: {refused.message})") from refused
                     raise DtmTimeout(message)
@@ -261,6 +261,9 @@ class ClientBase:
                     refused = None
                     if cluster:
                         servers.mark_down(base, time.monotonic())  # later calls prefer the others
+                        if idempotent and index + 1 < len(order):
+                            index += 1  # a server not tried yet: at once, whatever the retry policy
+                            continue
                     delay = retry.next_delay(attempt, deadline, time.monotonic())
                     if delay is None:
                         raise

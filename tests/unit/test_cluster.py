@@ -140,10 +140,11 @@ def test_a_submit_that_may_have_arrived_is_never_sent_to_another_server(error: E
 
 
 def test_an_idempotent_call_after_a_timeout_retries_on_the_next_server() -> None:
+    """Also without any retry left: the servers not tried yet are not retries."""
     c = cluster()
     script = Script(DtmTimeout("slow"), EMPTY_QUERY)
     assert script.drive(c._query_flow("G")) is None
-    assert script.urls == [f"{A}/query", f"{B}/query"] and len(script.sleeps) == 1
+    assert script.urls == [f"{A}/query", f"{B}/query"] and script.sleeps == []  # an untried server: at once
 
 
 def test_an_idempotent_call_leaves_time_for_the_servers_not_tried_yet() -> None:
@@ -270,3 +271,17 @@ def test_the_async_client_fails_over_by_the_same_rules() -> None:
 
         asyncio.run(main())
         assert live.query("G-async") is not None
+
+
+def test_an_idempotent_call_reaches_the_next_server_even_with_no_retries() -> None:
+    c = cluster(retry=Retry(retries=0))
+    script = Script(DtmTimeout("slow"), EMPTY_QUERY)
+    assert script.drive(c._query_flow("G")) is None
+    assert script.urls == [f"{A}/query", f"{B}/query"]
+
+
+def test_recover_resends_after_a_connect_timeout_also_with_wait_result() -> None:
+    saga = Saga(cluster(retry=Retry(retries=0)), "G", wait_result=True).add("http://b/x", "", {})
+    script = Script(DtmConnectTimeout("a"), DtmConnectTimeout("b"), EMPTY_QUERY, OK)
+    script.drive(saga._run_flow("submit", lambda: saga._submit_flow(True)))
+    assert [u.rsplit("/", 1)[1] for u in script.urls] == ["submit", "submit", "query", "submit"]

@@ -60,3 +60,19 @@ def test_the_current_trace_goes_into_branch_headers_merged_with_the_users(spans:
     assert headers["X-Tenant"] == "a"
     assert headers["traceparent"].split("-")[1] == format(root.get_span_context().trace_id, "032x")
     assert saga.options.branch_headers == {"X-Tenant": "a"}  # the options themselves are unchanged
+
+
+def test_a_handler_span_nests_under_the_frameworks_own_span(spans: InMemorySpanExporter) -> None:
+    other = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    info = BranchInfo(gid="G1", trans_type="saga", branch_id="01", op="action", trace_context=other)
+    with trace.get_tracer("framework").start_as_current_span("POST /api/x") as framework:
+        handle(info, lambda: None)
+    handler = next(s for s in spans.get_finished_spans() if s.name == "dtm branch saga action")
+    assert handler.parent is not None and handler.parent.span_id == framework.get_span_context().span_id
+
+
+def test_the_callers_own_traceparent_in_branch_headers_wins(spans: InMemorySpanExporter) -> None:
+    own = "00-" + "3" * 32 + "-" + "4" * 16 + "-01"
+    saga = Saga("http://dtm.invalid/api/dtmsvr", "G", branch_headers={"Traceparent": own}).add("http://b/x", "", {})
+    with trace.get_tracer("t").start_as_current_span("root"):
+        assert saga.build_body()["branch_headers"] == {"Traceparent": own}
