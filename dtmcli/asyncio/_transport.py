@@ -54,7 +54,7 @@ from urllib3.util import parse_url
 from .. import _transport as _sync
 from .._protocol import Response
 from .._transport import _JSON_HEADERS, _log_exchange, check_timeout
-from ..errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
+from ..errors import DtmConnectError, DtmConnectTimeout, DtmError, DtmInvalidInput, DtmTimeout, DtmTransportError
 
 if TYPE_CHECKING:
     import aiohttp
@@ -149,6 +149,11 @@ def _in_ssl_error(exc: BaseException) -> bool:
         cur = cur.__cause__ or cur.__context__
         seen += 1
     return False
+
+
+def _check_pool_size(pool_maxsize: Any) -> None:
+    if isinstance(pool_maxsize, bool) or not isinstance(pool_maxsize, int) or pool_maxsize < 1:
+        raise DtmInvalidInput(f"pool_maxsize must be a positive int, not {pool_maxsize!r}")
 
 
 def _closed_client(what: str, option: str) -> DtmInvalidInput:
@@ -380,6 +385,66 @@ class _PerLoop(Generic[C]):
     def _abandon_client(client: C) -> None:
         """Make sure dropping ``client`` unclosed neither warns nor touches its sockets."""
 
+    def _closed(self, client: C) -> Optional[DtmInvalidInput]:
+        """The error for a (user's) client that is closed already, or ``None``."""
+        raise NotImplementedError
+
+    def _target(self, url: str, params: Optional[Mapping[str, str]]) -> Any:
+        """The request target as the library takes it (encoded exactly as the sync transport does)."""
+        raise NotImplementedError
+
+    async def _send(
+        self,
+        client: C,
+        method: str,
+        target: Any,
+        body: Optional[bytes],
+        headers: Optional[Mapping[str, str]],
+        attempt: _Attempt,
+    ) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    def _mapped(self, method: str, url: str, timeout: Optional[float], exc: Exception) -> Optional[DtmError]:
+        """The typed error for the library's ``exc``, or ``None`` to let it propagate."""
+        raise NotImplementedError
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Optional[Mapping[str, str]] = None,
+        body: Optional[bytes] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+    ) -> Response:
+        """Send one request; connection problems become DtmTransportError / DtmConnectError / DtmTimeout."""
+        if headers is None and body is not None:
+            headers = _JSON_HEADERS
+        if timeout is None:
+            timeout = self.timeout
+        started = time.perf_counter()
+        # The library reports when the request starts being written; a user's client may not, so
+        # with one a deadline always means "may have been sent".
+        attempt = _Attempt(may_be_sent=self._user_client is not None)
+        client = self._client()
+        closed = self._closed(client)
+        if closed is not None:
+            raise closed
+        try:
+            work = self._send(client, method, self._target(url, params), body, headers, attempt)
+            status, content = await (work if timeout is None else _within(work, timeout))
+        except _Expired as exc:
+            raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
+        except Exception as exc:
+            mapped = self._mapped(method, url, timeout, exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_exchange(method, url, status, started, content)
+        return Response(status, content)
+
     def _client(self) -> C:
         if self._user_client is not None:
             return self._user_client
@@ -481,8 +546,7 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
     ) -> None:
         self.timeout = check_timeout(timeout)
         self._httpx = _import("httpx", "httpx")
-        if isinstance(pool_maxsize, bool) or not isinstance(pool_maxsize, int) or pool_maxsize < 1:
-            raise DtmInvalidInput(f"pool_maxsize must be a positive int, not {pool_maxsize!r}")
+        _check_pool_size(pool_maxsize)
         self._client_kwargs: dict[str, Any] = {
             "limits": self._httpx.Limits(max_connections=pool_maxsize, max_keepalive_connections=pool_maxsize),
             "trust_env": _env_has_proxy() if trust_env is None else trust_env,
@@ -504,46 +568,23 @@ class HttpxTransport(_PerLoop["httpx.AsyncClient"]):
     async def _close_client(client: httpx.AsyncClient) -> None:
         await client.aclose()
 
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Optional[Mapping[str, str]] = None,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        timeout: Optional[float] = None,
-    ) -> Response:
-        """Send one request; connection problems become DtmTransportError / DtmConnectError / DtmTimeout."""
-        if headers is None and body is not None:
-            headers = _JSON_HEADERS
-        if timeout is None:
-            timeout = self.timeout
-        started = time.perf_counter()
+    def _closed(self, client: httpx.AsyncClient) -> Optional[DtmInvalidInput]:
+        return _closed_client("httpx client", "close_client") if client.is_closed else None
+
+    def _target(self, url: str, params: Optional[Mapping[str, str]]) -> Any:
+        return request_target(url, params)
+
+    def _mapped(self, method: str, url: str, timeout: Optional[float], exc: Exception) -> Optional[DtmError]:
         lib = self._httpx
-        # With its own client, httpcore reports (trace extension) when it starts writing the request;
-        # another client's transport may not, so there a deadline always means "may have been sent".
-        attempt = _Attempt(may_be_sent=self._user_client is not None)
-        client = self._client()
-        if client.is_closed:
-            raise _closed_client("httpx client", "close_client")
-        try:
-            target = request_target(url, params)
-            work = self._send(client, method, target, body, headers, attempt)
-            status, content = await (work if timeout is None else _within(work, timeout))
-        except _Expired as exc:
-            raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
-        except (TimeoutError, asyncio.TimeoutError, lib.TimeoutException) as exc:
-            raise DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}") from exc
-        except lib.ConnectError as exc:
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError, lib.TimeoutException)):
+            return DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}")
+        if isinstance(exc, lib.ConnectError):
             if _in_ssl_error(exc):
-                raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
-            raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
-        except (lib.HTTPError, lib.InvalidURL, OSError, ValueError) as exc:
-            raise DtmTransportError(f"{method} {url} failed: {exc!r}") from exc
-        if logger.isEnabledFor(logging.DEBUG):
-            _log_exchange(method, url, status, started, content)
-        return Response(status, content)
+                return DtmTransportError(f"{method} {url} failed: {exc}")
+            return DtmConnectError(f"{method} {url}: cannot connect: {exc}")
+        if isinstance(exc, (lib.HTTPError, lib.InvalidURL, OSError, ValueError)):
+            return DtmTransportError(f"{method} {url} failed: {exc!r}")
+        return None
 
     async def _send(
         self,
@@ -623,8 +664,7 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
         self.timeout = check_timeout(timeout)
         self._aiohttp = lib = _import("aiohttp", "asyncio")
         self._yarl = _import("yarl", "asyncio")
-        if isinstance(pool_maxsize, bool) or not isinstance(pool_maxsize, int) or pool_maxsize < 1:
-            raise DtmInvalidInput(f"pool_maxsize must be a positive int, not {pool_maxsize!r}")
+        _check_pool_size(pool_maxsize)
         self._pool_maxsize = pool_maxsize
         self._ssl: Any = True if ssl_context is None else ssl_context
         self._trust_env = _env_has_proxy() if trust_env is None else trust_env
@@ -658,46 +698,25 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
         if connector is not None and hasattr(connector, "_closed"):
             connector._closed = True
 
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Optional[Mapping[str, str]] = None,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        timeout: Optional[float] = None,
-    ) -> Response:
-        """Send one request; connection problems become DtmTransportError / DtmConnectError / DtmTimeout."""
-        if headers is None and body is not None:
-            headers = _JSON_HEADERS
-        if timeout is None:
-            timeout = self.timeout
-        started = time.perf_counter()
+    def _closed(self, client: aiohttp.ClientSession) -> Optional[DtmInvalidInput]:
+        return _closed_client("aiohttp session", "close_session") if client.closed else None
+
+    def _target(self, url: str, params: Optional[Mapping[str, str]]) -> Any:
+        return self._yarl.URL(request_target(url, params), encoded=True)
+
+    def _mapped(self, method: str, url: str, timeout: Optional[float], exc: Exception) -> Optional[DtmError]:
         lib = self._aiohttp
-        attempt = _Attempt(may_be_sent=self._user_client is not None)  # a user's connector does not tell
-        session = self._client()
-        if session.closed:
-            raise _closed_client("aiohttp session", "close_session")
-        try:
-            target = self._yarl.URL(request_target(url, params), encoded=True)
-            work = self._send(session, method, target, body, headers, attempt)
-            status, content = await (work if timeout is None else _within(work, timeout))
-        except _Expired as exc:
-            raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
-        except self._connect_timeout_error as exc:  # aiohttp's: raised only while connecting
-            raise DtmConnectTimeout(f"{method} {url}: connecting timed out: {exc!r}") from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:  # aiohttp's ServerTimeoutError is one too
-            raise DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}") from exc
-        except lib.ClientSSLError as exc:
-            raise DtmTransportError(f"{method} {url} failed: {exc}") from exc
-        except lib.ClientConnectorError as exc:
-            raise DtmConnectError(f"{method} {url}: cannot connect: {exc}") from exc
-        except (lib.ClientError, OSError, ValueError) as exc:
-            raise DtmTransportError(f"{method} {url} failed: {exc!r}") from exc
-        if logger.isEnabledFor(logging.DEBUG):
-            _log_exchange(method, url, status, started, content)
-        return Response(status, content)
+        if isinstance(exc, self._connect_timeout_error):  # aiohttp's: raised only while connecting
+            return DtmConnectTimeout(f"{method} {url}: connecting timed out: {exc!r}")
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # aiohttp's ServerTimeoutError is one too
+            return DtmTimeout(f"{method} {url} timed out after {timeout} s: {exc!r}")
+        if isinstance(exc, lib.ClientSSLError):
+            return DtmTransportError(f"{method} {url} failed: {exc}")
+        if isinstance(exc, lib.ClientConnectorError):
+            return DtmConnectError(f"{method} {url}: cannot connect: {exc}")
+        if isinstance(exc, (lib.ClientError, OSError, ValueError)):
+            return DtmTransportError(f"{method} {url} failed: {exc!r}")
+        return None
 
     async def _send(
         self,
