@@ -7,66 +7,17 @@ the async driver moves it the same way over real HTTP (coordinator in process, o
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 from flavours import Flavour, both
+from web_servers import SilentDtm
 
 from dtmcli import DtmFailure, DtmInvalidInput, DtmTimeout, Retry, local_gid
 from dtmcli.testing import Answer, BranchService, DtmFacade
 
 pytestmark = both
-
-
-class SilentDtm:
-    """Accepts connections and reads requests, never answers."""
-
-    def __init__(self) -> None:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._conns: list[socket.socket] = []
-        self.requests: list[str] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/api/dtmsvr"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        data = b""
-        while b"\r\n" not in data:
-            try:
-                chunk = conn.recv(4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            data += chunk
-        with self._lock:
-            self.requests.append(data.split(b" ", 2)[1].decode())
-
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ against the embedded coordinator (or ``--dtm-server``) and small socket servers.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 from races import race
+from web_servers import SilentDtm
 
 from dtmcli import (
     DtmAttributeError,
@@ -34,54 +34,6 @@ from dtmcli import (
 from dtmcli._trans import TransBase
 from dtmcli._transport import default_transport
 from dtmcli.testing import BranchService, DtmFacade
-
-
-class SilentDtm:
-    """A DTM that went quiet: accepts connections, reads requests, never answers."""
-
-    def __init__(self) -> None:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._conns: list[socket.socket] = []
-        self.requests: list[str] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/api/dtmsvr"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        data = b""
-        while b"\r\n" not in data:
-            try:
-                chunk = conn.recv(4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            data += chunk
-        with self._lock:
-            self.requests.append(data.split(b" ", 2)[1].decode())
-
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
 
 
 @pytest.fixture
