@@ -14,7 +14,10 @@ from typing import Any, Callable, Generator, Mapping, Optional, TypeVar
 
 from ._protocol import Response
 
-__all__ = ["Effect", "Flow", "Request", "Sleep", "Call", "StoreOp", "run", "arun", "done"]
+__all__ = [
+    "Effect", "Flow", "Request", "Sleep", "Call", "StoreOp", "run", "arun", "done",
+    "discard_awaitable", "is_async_function", "is_async_generator_function",
+]
 
 R = TypeVar("R")
 
@@ -124,6 +127,32 @@ class StoreOp(Effect):
 
     def __repr__(self) -> str:
         return f"StoreOp({self.name})"
+
+
+def _candidates(func: Any) -> tuple[Any, ...]:
+    return (func, func.__call__) if callable(func) else (func,)  # an object's async __call__ counts too
+
+
+def is_async_function(func: Any) -> bool:
+    """True for an ``async def`` (or async generator) function, also behind partial or ``__call__``:
+    something a blocking driver would call without its body ever running."""
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in _candidates(func))
+
+
+def is_async_generator_function(func: Any) -> bool:
+    """True for an async generator function (see :func:`is_async_function`)."""
+    return any(inspect.isasyncgenfunction(f) for f in _candidates(func))
+
+
+def discard_awaitable(value: Any) -> bool:
+    """True when ``value`` is awaitable, which a blocking driver cannot await: it is closed, so that
+    no "coroutine was never awaited" warning hides the error the caller raises."""
+    if not inspect.isawaitable(value):
+        return False
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
+    return True
 
 
 def done(value: R) -> Flow[R]:

@@ -21,7 +21,9 @@ from types import TracebackType
 from typing import Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM
-from ._flow import Call, Flow, run
+from ._flow import Call, Flow, discard_awaitable, run
+from ._flow import is_async_function as _is_async
+from ._flow import is_async_generator_function as _is_async_gen
 from ._ids import BranchIdGenerator
 from ._protocol import Response, go_trim
 from ._trans import ABORTED, NESTED, NEW, PREPARED_STATE, TransBase, TransCore
@@ -34,7 +36,6 @@ __all__ = [
     "RunnerCore",
     "TwoPhaseCore",
     "TwoPhaseTrans",
-    "discard_awaitable",
     "global_transaction",
     "refuse_not_awaitable",
     "refuse_sync",
@@ -310,32 +311,8 @@ _ACTIVE: ContextVar[tuple[tuple[RunnerCore[Any], TwoPhaseCore], ...]] = ContextV
 )
 
 
-def _candidates(func: Any) -> tuple[Any, ...]:
-    return (func, func.__call__) if callable(func) else (func,)  # an object's async __call__ counts too
-
-
-def _is_async(func: Any) -> bool:
-    """True for an ``async def`` (or async generator) function, also behind partial or ``__call__``."""
-    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in _candidates(func))
-
-
-def _is_async_gen(func: Any) -> bool:
-    return any(inspect.isasyncgenfunction(f) for f in _candidates(func))
-
-
 def _is_lambda(func: Any) -> bool:
     return inspect.isfunction(func) and func.__name__ == "<lambda>"
-
-
-def discard_awaitable(value: Any) -> bool:
-    """True when ``value`` is awaitable, which a blocking driver cannot await: it is closed, so that
-    no "coroutine was never awaited" warning hides the error the caller raises."""
-    if not inspect.isawaitable(value):
-        return False
-    close = getattr(value, "close", None)
-    if callable(close):
-        close()
-    return True
 
 
 def _name_of(func: Any) -> str:

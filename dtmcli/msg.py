@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
-from ._flow import Call, Flow
+from ._flow import Call, Flow, discard_awaitable, is_async_function
 from ._protocol import encode_custom_data, encode_payload
 from ._steps import StepTrans
 from ._trans import NEW, PREPARED_STATE, TransBase
 from ._validate import check_http_url, check_non_negative_int
 from .barrier import BranchBarrier
-from .branch import is_async_callable
 from .client import DtmLike
 from .errors import DtmFailure, DtmInvalidInput
 
@@ -144,10 +142,7 @@ class MsgCore(StepTrans):
         yield from self._prepare_op(query_prepared)
         try:
             result = yield Call(busi_call, barrier)
-            if inspect.isawaitable(result):  # the sync driver got a coroutine: the local work never ran
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
+            if discard_awaitable(result):  # the sync driver got a coroutine: the local work never ran
                 raise _NotRun(
                     f"msg {self.gid}: the local work returned an awaitable, so it did not run; aborted. "
                     "Use dtmcli.asyncio.Msg for async local work",
@@ -236,9 +231,9 @@ class Msg(MsgCore, TransBase):
         success, or leave the message for DTM to query when the answer is unknown. The business
         error is always re-raised.
         """
-        if is_async_callable(busi_call):
+        if is_async_function(busi_call):
             raise DtmInvalidInput(
-                f"msg {self.gid}: {getattr(busi_call, '__qualname__', busi_call)!r} is a coroutine function; the "
+                f"msg {self.gid}: {getattr(busi_call, '__qualname__', busi_call)!r} is an async function; the "
                 "sync Msg cannot run it (nothing was sent). Use dtmcli.asyncio.Msg",
                 gid=self.gid,
             )

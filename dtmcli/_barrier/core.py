@@ -13,7 +13,6 @@ same rules inside one Lua script.
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import re
 from importlib import resources
@@ -21,7 +20,7 @@ from typing import Any, Callable, Mapping, NoReturn, Optional, Protocol, TypeVar
 
 from .. import _flow, _otel
 from .._consts import MSG_BRANCH_ID, OP_ACTION, OP_CANCEL, OP_COMPENSATE, OP_MSG, OP_ROLLBACK, OP_TRY
-from .._flow import Call, Flow, StoreOp
+from .._flow import Call, Flow, StoreOp, discard_awaitable
 from ..errors import BarrierConflict, BarrierDatabaseError, DtmDuplicated, DtmError, DtmFailure, DtmInvalidInput
 
 __all__ = [
@@ -287,10 +286,7 @@ def run_barrier(
 
     def checked(tx: Any) -> R:
         value = busi(tx)
-        if inspect.isawaitable(value):
-            close = getattr(value, "close", None)
-            if callable(close):
-                close()  # never awaited: close it so no "never awaited" warning hides the error
+        if discard_awaitable(value):
             raise DtmInvalidInput(
                 "the business function returned an awaitable: the blocking barrier cannot await it; "
                 "use dtmcli.asyncio.BranchBarrier for async def business functions"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
 
 from .. import _flow
 from .._consts import OP_ACTION, OP_COMMIT, OP_ROLLBACK, XA
-from .._flow import Call, Flow, StoreOp
+from .._flow import Call, Flow, StoreOp, discard_awaitable
 from .._validate import check_branch_id, check_gid
 from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
@@ -447,8 +447,6 @@ class _XaIO:
 
 
 def _blocking(busi: Callable[[Any], R]) -> Callable[[Any], R]:
-    from .._twophase import discard_awaitable
-
     def call(tx: Any) -> R:
         result = busi(tx)
         if discard_awaitable(result):  # it would be prepared without having run

@@ -4,6 +4,7 @@ the answers it is given. No socket, no event loop: what the sync and async drive
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any, Callable, Optional
 
@@ -310,9 +311,13 @@ def test_the_sync_msg_refuses_async_local_work_before_sending() -> None:
     async def debit(barrier: Any) -> None:
         raise AssertionError("never run")
 
+    async def debit_stream(barrier: Any) -> Any:  # an async generator: calling it runs nothing either
+        yield None
+
     m = Msg("http://127.0.0.1:9/api/dtmsvr", "M").add("http://b/in", {"a": 1})  # nothing listens: a send would fail
-    with pytest.raises(DtmInvalidInput, match="coroutine function"):
-        m.prepare_and_submit("http://b/qp", debit)
+    for work in (debit, debit_stream, functools.partial(debit)):
+        with pytest.raises(DtmInvalidInput, match="async function"):
+            m.prepare_and_submit("http://b/qp", work)
     assert m.state == "new"
 
 
