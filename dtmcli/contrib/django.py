@@ -28,7 +28,7 @@ from django.http.response import HttpResponseBase
 from ..branch import BranchInfo, BranchResponse, load_payload, parse_or_answer
 from ._common import is_async_callable, run_handler, run_handler_async
 
-__all__ = ["branch_handler", "branch_payload", "as_response", "query_prepared_view"]
+__all__ = ["branch_handler", "branch_payload", "as_response", "query_prepared_view", "workflow_resume_view"]
 
 
 def _is_async_view(view: Any) -> bool:
@@ -110,3 +110,21 @@ def query_prepared_view(
 
     dtm_query_prepared.csrf_exempt = True  # type: ignore[attr-defined]
     return named_view(dtm_query_prepared)
+
+
+def workflow_resume_view(token: Optional[str] = None) -> Callable[[HttpRequest], Any]:
+    """A Django view resuming workflows when DTM calls the callback URL given to ``workflow.init_http``.
+
+    ``path("api/workflow/resume", workflow_resume_view())``; exempt from CSRF checks (DTM posts
+    the workflow input). Answers 200 / 409 / 425-or-500 (also for an unknown name, with a log line).
+    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise).
+    """
+    from ._workflow_resume import check_token, resume_answer
+
+    secret = check_token(token)
+
+    def dtm_workflow_resume(request: HttpRequest) -> HttpResponse:
+        return as_response(resume_answer(request, request.body, token=secret))
+
+    dtm_workflow_resume.csrf_exempt = True  # type: ignore[attr-defined]
+    return dtm_workflow_resume

@@ -54,7 +54,7 @@ from ..branch import (
     success_response,
 )
 from ..errors import DtmError
-from .starlette import as_response, query_prepared_endpoint
+from .starlette import as_response, query_prepared_endpoint, workflow_resume_endpoint
 
 __all__ = [
     "SUCCESS",
@@ -67,6 +67,7 @@ __all__ = [
     "branch_payload",
     "dtm_error_handler",
     "query_prepared_endpoint",
+    "workflow_resume_endpoint",
 ]
 
 # Where DtmRoute keeps the BranchInfo it parsed, so that the dependency does not parse it again.

@@ -21,7 +21,7 @@ Django under ASGI.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import flask
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -30,7 +30,10 @@ from ..branch import BranchInfo, BranchRequestError, BranchResponse, error_respo
 from ..errors import DtmError
 from ._common import is_async_callable, run_handler, run_handler_async
 
-__all__ = ["branch_handler", "branch_payload", "as_response", "register_error_handlers", "query_prepared_view"]
+__all__ = [
+    "branch_handler", "branch_payload", "as_response", "register_error_handlers", "query_prepared_view",
+    "workflow_resume_view",
+]
 
 
 def as_response(answer: BranchResponse) -> flask.Response:
@@ -109,3 +112,21 @@ def query_prepared_view(
         return as_response(query_prepared_answer(flask.request, db, table=table, dialect=dialect))
 
     return named_view(dtm_query_prepared)
+
+
+def workflow_resume_view(token: Optional[str] = None) -> Callable[[], Any]:
+    """A Flask view resuming workflows when DTM calls the callback URL given to ``workflow.init_http``.
+
+    ``app.add_url_rule("/api/workflow/resume", view_func=workflow_resume_view(), methods=["GET", "POST"])``.
+    Answers 200 (succeeded), 409 (failed, rolled back), 425/500 (DTM calls again; also for a name
+    not registered, with a log line). Names of :mod:`dtmcli.asyncio.workflow` run in a loop of their own.
+    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise).
+    """
+    from ._workflow_resume import check_token, resume_answer
+
+    secret = check_token(token)
+
+    def dtm_workflow_resume() -> WerkzeugResponse:
+        return as_response(resume_answer(flask.request, flask.request.get_data(cache=True), token=secret))
+
+    return dtm_workflow_resume

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from ..branch import BranchInfo, BranchResponse, load_payload, parse_or_answer
 from ._common import is_async_callable, run_handler, run_handler_async
 
-__all__ = ["as_response", "branch_endpoint", "branch_payload", "query_prepared_endpoint"]
+__all__ = ["as_response", "branch_endpoint", "branch_payload", "query_prepared_endpoint", "workflow_resume_endpoint"]
 
 
 def as_response(answer: BranchResponse) -> Response:
@@ -86,3 +86,22 @@ def query_prepared_endpoint(
         return as_response(query_prepared_answer(request, db, table=table, dialect=dialect))
 
     return named_view(dtm_query_prepared)
+
+
+def workflow_resume_endpoint(token: Optional[str] = None) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette (or FastAPI) endpoint resuming workflows when DTM calls the workflow callback URL.
+
+    ``app.add_api_route("/api/workflow/resume", workflow_resume_endpoint(), methods=["GET", "POST"])``
+    (FastAPI) or ``Route(path, workflow_resume_endpoint(), methods=["GET", "POST"])``. Names of
+    :mod:`dtmcli.asyncio.workflow` are awaited on the loop; names only in :mod:`dtmcli.workflow` run
+    in a worker thread. Answers 200 / 409 / 425-or-500 (also for an unknown name, with a log line).
+    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise).
+    """
+    from ._workflow_resume import check_token, resume_answer_async
+
+    secret = check_token(token)
+
+    async def dtm_workflow_resume(request: Request) -> Response:
+        return as_response(await resume_answer_async(request, await request.body(), token=secret))
+
+    return dtm_workflow_resume

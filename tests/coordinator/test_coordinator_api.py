@@ -252,8 +252,6 @@ def test_unsupported_features_answer_clearly(api: Any, branch_service: BranchSer
     topic_msg = {"gid": "TP", "trans_type": "msg", "steps": [{"action": "topic://t"}], "payloads": ["{}"]}
     topic = api.post("submit", topic_msg)
     assert topic.status_code == 500 and "topics are not supported" in topic.json()["message"]
-    wf = api.post("prepareWorkflow", {"gid": "WF", "trans_type": "workflow"})
-    assert wf.status_code == 500 and "not supported" in wf.json()["message"]
     assert api.query("TP")["transaction"] is None
 
 

@@ -1,0 +1,76 @@
+"""A scripted DTM (and branch) transport for workflow tests that need no sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Callable, Mapping, Optional
+
+from dtmcli._protocol import Response
+
+PREPARED_ANSWER: dict[str, Any] = {"transaction": {"status": "prepared", "trans_type": "workflow"}, "progresses": []}
+DTM = "http://dtm.test/api/dtmsvr"
+BUSI = "http://busi.test"
+
+
+def progress(branch_id: str, op: str, status: str, data: bytes = b"") -> dict[str, Any]:
+    """A progress row as DTM lists it (``bin_data`` absent when the data is empty)."""
+    row: dict[str, Any] = {"branch_id": branch_id, "op": op, "status": status, "gid": "G"}
+    if data:
+        row["bin_data"] = base64.b64encode(data).decode()
+    return row
+
+
+class FakeDtm:
+    """Answers prepareWorkflow with ``prepare`` (a JSON object), registerBranch/submit with SUCCESS, and
+    branch URLs with ``branches[url]`` (status, body) or a callable raising; records every call."""
+
+    timeout = 5.0
+
+    def __init__(self, prepare: Optional[Mapping[str, Any]] = None) -> None:
+        self.prepare: Mapping[str, Any] = prepare or PREPARED_ANSWER
+        self.branches: dict[str, Any] = {}
+        self.calls: list[tuple[str, str, Optional[Mapping[str, str]], Any]] = []
+        self.on_call: Optional[Callable[[str], None]] = None
+
+    def _answer(self, method: str, url: str, params: Any, body: Optional[bytes]) -> Response:
+        parsed: Any = body
+        if url.startswith(DTM):
+            parsed = json.loads(body) if body else None
+        self.calls.append((method, url, dict(params) if params else None, parsed))
+        if self.on_call is not None:
+            self.on_call(url)
+        if url == f"{DTM}/prepareWorkflow":
+            return Response(200, json.dumps(self.prepare).encode())
+        if url.startswith(DTM):
+            return Response(200, b'{"dtm_result":"SUCCESS"}')
+        answer = self.branches.get(url, (200, b'{"dtm_result":"SUCCESS"}'))
+        if callable(answer):
+            answer = answer()
+        return Response(answer[0], answer[1])
+
+    def request(self, method: str, url: str, *, params: Any = None, body: Optional[bytes] = None,
+                headers: Any = None, timeout: Any = None) -> Response:
+        return self._answer(method, url, params, body)
+
+    def close(self) -> None:
+        pass
+
+    def paths(self) -> list[str]:
+        """The calls as ``METHOD path`` (DTM paths without the base)."""
+        return [f"{m} {u.replace(DTM + '/', '').replace(BUSI, '')}" for m, u, _, _ in self.calls]
+
+    def bodies(self, path: str) -> list[Any]:
+        """The JSON bodies sent to DTM's ``path``."""
+        return [b for _, u, _, b in self.calls if u == f"{DTM}/{path}"]
+
+
+class AsyncFakeDtm(FakeDtm):
+    """The same, awaited (for AsyncDtmClient)."""
+
+    async def request(self, method: str, url: str, *, params: Any = None,  # type: ignore[override]
+                      body: Optional[bytes] = None, headers: Any = None, timeout: Any = None) -> Response:
+        return self._answer(method, url, params, body)
+
+    async def aclose(self) -> None:
+        pass
