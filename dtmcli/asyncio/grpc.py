@@ -1,0 +1,340 @@
+"""DTM over gRPC for asyncio code (``grpc.aio``; needs the ``grpc`` extra).
+
+:class:`AsyncDtmGrpcClient` and the builders :class:`Saga`, :class:`Msg`, :class:`Tcc` /
+:func:`tcc_global_transaction`, :class:`Xa` / :func:`xa_global_transaction` are those of
+:mod:`dtmcli.grpc` with every call awaited: the same cores and flows, driven by the asyncio driver,
+with the gRPC calls made on ``grpc.aio`` channels (one set per event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any, Awaitable, Callable, ClassVar, Optional, Sequence, TypeVar, Union, overload
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from .._flow import arun
+from .._models import Transaction
+from .._protocol import Response
+from .._retry import Retry
+from .._twophase import global_transaction
+from ..client import DEFAULT_TIMEOUT, ClientBase
+from ..errors import DtmInvalidInput
+from ..grpc._core import GrpcMsgCore, GrpcSagaCore, GrpcTccCore, GrpcXaCore, Reply
+from ..grpc._io import BranchCall, ChannelsBase, identity, serialize, translate_rpc_error
+from ..grpc._proto import METHODS, method_path
+from ..grpc._proto import dtmgimp_pb2 as pb
+from ..grpc._wire import split_grpc_url, success_response
+from ..grpc.client import GrpcClientCore
+from . import msg as _msg
+from . import saga as _saga
+from . import tcc as _tcc
+from . import xa as _xa
+from ._twophase import AsyncGlobalTransaction
+from .client import AsyncDtmClient
+
+__all__ = [
+    "AsyncDtmGrpcClient", "AsyncGrpcChannels", "Msg", "Saga", "Tcc", "Xa", "as_async_grpc_client",
+    "tcc_global_transaction", "xa_global_transaction",
+]
+
+R = TypeVar("R")
+
+
+class _LoopChannels:
+    """The ``grpc.aio`` channels of one event loop."""
+
+    def __init__(self) -> None:
+        self.dtm: Optional[grpc.aio.Channel] = None
+        self.branches: dict[str, grpc.aio.Channel] = {}
+
+
+def _aio_ready(channel: grpc.aio.Channel) -> Optional[bool]:
+    try:
+        return channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+    except Exception:  # a closed channel: unsure
+        return None
+
+
+class AsyncGrpcChannels(ChannelsBase):
+    """``grpc.aio`` channels to DTM and to branches; an aio channel belongs to the loop it was made
+    in, so each event loop gets its own (a ``channel`` passed in is used as is, in its own loop; it
+    must not retry by itself: see :func:`~dtmcli.grpc._io.channel_options`)."""
+
+    def __init__(
+        self,
+        target: str,
+        channel: Optional[grpc.aio.Channel] = None,
+        *,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        branch_credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(
+            target, channel, credentials=credentials, branch_credentials=branch_credentials, options=options
+        )
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopChannels] = weakref.WeakKeyDictionary()
+
+    def _mine(self) -> _LoopChannels:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._check_open()
+            chans = self._loops.get(loop)
+            if chans is None:
+                chans = self._loops[loop] = _LoopChannels()
+        return chans
+
+    def _open(self, target: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.aio.Channel:
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, options=self._options)
+        return grpc.aio.insecure_channel(target, options=self._options)
+
+    async def call_dtm(self, method: str, message: Message, timeout: Optional[float]) -> Response:
+        """Call ``dtmgimp.Dtm/<method>``; a failure raises its typed error."""
+        chans = self._mine()
+        channel: grpc.aio.Channel = self._given
+        if channel is None:
+            if chans.dtm is None:
+                chans.dtm = self._open(self.target, self._credentials)
+            channel = chans.dtm
+        call = channel.unary_unary(
+            method_path(method), request_serializer=serialize, response_deserializer=METHODS[method][1].FromString
+        )
+        try:
+            reply = await call(message, timeout=timeout)
+        except Exception as exc:
+            raise translate_rpc_error(exc, f"dtm {method}", None, lambda: _aio_ready(channel)) from None
+        return success_response(reply)
+
+    async def call_branch(self, call: BranchCall) -> bytes:
+        """Perform a :class:`~dtmcli.grpc._io.BranchCall`; a failure raises its typed error."""
+        target, method = split_grpc_url(call.url)
+        chans = self._mine()
+        channel = chans.branches.get(target)
+        if channel is None:
+            channel = chans.branches[target] = self._open(target, self._branch_credentials)
+        stub = channel.unary_unary(method, request_serializer=identity, response_deserializer=identity)
+        try:
+            reply: bytes = await stub(call.payload, timeout=call.timeout, metadata=call.metadata)
+        except Exception as exc:
+            raise translate_rpc_error(exc, call.url, call, lambda: _aio_ready(channel)) from None
+        return reply
+
+    async def aclose(self) -> None:
+        """Close the channels this object opened in the running loop; forget those of other loops."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._closed = True
+            mine = self._loops.pop(loop, None)
+            self._loops.clear()
+        if mine is not None:
+            for channel in [*mine.branches.values(), *([mine.dtm] if mine.dtm is not None else [])]:
+                await channel.close()
+
+
+def _http_client(http: Any) -> Optional[AsyncDtmClient]:
+    if http is None or isinstance(http, AsyncDtmClient):
+        return http
+    if isinstance(http, (str, list, tuple)):
+        return AsyncDtmClient.for_url(http)
+    raise DtmInvalidInput(f"http must be a DTM HTTP URL or an AsyncDtmClient, not {type(http).__name__}")
+
+
+class AsyncDtmGrpcClient(GrpcClientCore):
+    """The asyncio twin of :class:`dtmcli.grpc.DtmGrpcClient` (same arguments; ``channel`` is a
+    ``grpc.aio.Channel``, ``http`` a URL or :class:`~dtmcli.asyncio.AsyncDtmClient`)."""
+
+    _shared: ClassVar[Any]
+    http: Optional[AsyncDtmClient]
+    grpc_io: AsyncGrpcChannels
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+        retry: Optional[Retry] = None,
+        channel: Optional[grpc.aio.Channel] = None,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        branch_credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Sequence[tuple[str, Any]] = (),
+        http: Union[str, Sequence[str], AsyncDtmClient, None] = None,
+    ) -> None:
+        self._configure_grpc(target, timeout, retry, _http_client(http))
+        self.grpc_io = AsyncGrpcChannels(
+            self.target, channel, credentials=credentials, branch_credentials=branch_credentials, options=options
+        )
+
+    @classmethod
+    def for_target(cls, target: str) -> AsyncDtmGrpcClient:
+        """The shared client of ``target`` (created on first use)."""
+        client: AsyncDtmGrpcClient = cls._for_target(target)
+        return client
+
+    async def __aenter__(self) -> AsyncDtmGrpcClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channels the client opened (in the running loop)."""
+        await self.grpc_io.aclose()
+
+    async def new_gid(self) -> str:
+        """A new gid from DTM (``NewGid``)."""
+        return await arun(self._new_gid_flow(), self)
+
+    async def prepare(self, body: Union[Any, pb.DtmRequest]) -> None:
+        """``Prepare`` (see :meth:`dtmcli.grpc.DtmGrpcClient.prepare`)."""
+        await arun(self._call_body("prepare", body), self)
+
+    async def submit(self, body: Union[Any, pb.DtmRequest]) -> None:
+        """``Submit``; never retried."""
+        await arun(self._call_body("submit", body), self)
+
+    async def abort(self, body: Union[Any, pb.DtmRequest]) -> None:
+        """``Abort``."""
+        await arun(self._call_body("abort", body), self)
+
+    async def register_branch(self, body: Union[Any, pb.DtmBranchRequest]) -> None:
+        """``RegisterBranch`` (see :meth:`dtmcli.grpc.DtmGrpcClient.register_branch`)."""
+        await arun(self._call_body("registerBranch", body), self)
+
+    async def query(self, gid: str) -> Optional[Transaction]:
+        """The stored transaction, through the HTTP API given as ``http``; DtmInvalidInput without it."""
+        return await arun(self._query_flow(gid), self)
+
+    async def query_status(self, gid: str) -> Optional[str]:
+        """Just the status of ``gid`` (see :meth:`query`)."""
+        return await arun(self._query_status_flow(gid), self)
+
+    @classmethod
+    def close_shared(cls, target: Optional[str] = None) -> None:
+        """Forget the shared client of ``target`` (every one when ``None``); its channels close when it
+        is no longer used (an aio channel can only be closed in its own event loop)."""
+        cls._forget_target(target)
+
+
+def as_async_grpc_client(dtm: Any) -> AsyncDtmGrpcClient:
+    """An AsyncDtmGrpcClient from a target string (the shared one of it) or a client."""
+    if isinstance(dtm, AsyncDtmGrpcClient):
+        return dtm
+    if isinstance(dtm, str):
+        return AsyncDtmGrpcClient.for_target(dtm)
+    hint = " (a blocking or HTTP client cannot be awaited over gRPC)" if isinstance(dtm, ClientBase) else ""
+    raise DtmInvalidInput(f"dtm must be a DTM gRPC target host:port or an AsyncDtmGrpcClient, not {dtm!r}{hint}")
+
+
+AsyncDtmGrpcLike = Union[str, AsyncDtmGrpcClient]
+
+
+class Saga(GrpcSagaCore, _saga.Saga):
+    """A saga over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Saga`)."""
+
+    client: AsyncDtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_async_grpc_client(dtm)
+
+
+class Msg(GrpcMsgCore, _msg.Msg):
+    """A 2-phase message over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Msg`)."""
+
+    client: AsyncDtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_async_grpc_client(dtm)
+
+
+class Tcc(GrpcTccCore, _tcc.Tcc):
+    """A TCC over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Tcc`)."""
+
+    client: AsyncDtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_async_grpc_client(dtm)
+
+    async def call_branch(
+        self, payload: Any, try_url: str, confirm_url: str, cancel_url: str, reply: Reply = None
+    ) -> Any:
+        """Register the branch, then call its try; return the reply (see :meth:`dtmcli.grpc.Tcc.call_branch`)."""
+        return await self._drive(self._call_grpc_branch_flow(payload, try_url, confirm_url, cancel_url, reply))
+
+
+class Xa(GrpcXaCore, _xa.Xa):
+    """An XA global transaction over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Xa`)."""
+
+    client: AsyncDtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_async_grpc_client(dtm)
+
+    async def call_branch(self, payload: Any, url: str, reply: Reply = None) -> Any:
+        """Call the branch's action; return its reply (see :meth:`dtmcli.grpc.Xa.call_branch`)."""
+        return await self._drive(self._call_grpc_branch_flow(payload, url, reply))
+
+
+@overload
+def tcc_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str] = ..., callback: None = ..., **options: Any
+) -> AsyncGlobalTransaction[Tcc]: ...
+
+
+@overload
+def tcc_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str], callback: Callable[[Tcc], Awaitable[R]], **options: Any
+) -> Awaitable[R]: ...
+
+
+def tcc_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, callback: Optional[Callable[[Tcc], Awaitable[Any]]] = None,
+    **options: Any,
+) -> Any:
+    """A TCC global transaction over gRPC for asyncio code: ``async with``, decorator or ``callback``
+    (see :func:`dtmcli.asyncio.tcc_global_transaction`)."""
+    return global_transaction(AsyncGlobalTransaction, Tcc, "tcc_global_transaction", dtm, gid, callback, options)
+
+
+@overload
+def xa_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str] = ..., callback: None = ..., **options: Any
+) -> AsyncGlobalTransaction[Xa]: ...
+
+
+@overload
+def xa_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str], callback: Callable[[Xa], Awaitable[R]], **options: Any
+) -> Awaitable[R]: ...
+
+
+def xa_global_transaction(
+    dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, callback: Optional[Callable[[Xa], Awaitable[Any]]] = None,
+    **options: Any,
+) -> Any:
+    """An XA global transaction over gRPC for asyncio code (see :func:`tcc_global_transaction`)."""
+    return global_transaction(AsyncGlobalTransaction, Xa, "xa_global_transaction", dtm, gid, callback, options)
+

@@ -1,0 +1,176 @@
+"""The blocking gRPC builders: Saga, Msg, Tcc and Xa of :mod:`dtmcli` speaking DTM's gRPC API."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, TypeVar, overload
+
+from .. import msg as _msg
+from .. import saga as _saga
+from .. import tcc as _tcc
+from .. import xa as _xa
+from .._flow import run
+from .._twophase import GlobalTransaction, global_transaction
+from ..client import ClientBase
+from ._core import GrpcMsgCore, GrpcSagaCore, GrpcTccCore, GrpcXaCore, Reply
+from .client import DtmGrpcClient, DtmGrpcLike, as_grpc_client
+
+__all__ = ["Msg", "Saga", "Tcc", "Xa", "register_xa_branch", "tcc_global_transaction", "xa_global_transaction"]
+
+R = TypeVar("R")
+
+
+class Saga(GrpcSagaCore, _saga.Saga):
+    """A saga over DTM's gRPC API (Go's ``dtmgrpc.NewSagaGrpc``).
+
+    >>> Saga("localhost:36790", gid).add("busi:50589/busi.Busi/TransOut", "busi:50589/busi.Busi/TransOutRevert",
+    ...                                  ReqGrpc(Amount=30)).submit()
+
+    Same options, orders, lifecycle and submit outcomes as :class:`dtmcli.Saga`; ``dtm`` is a gRPC
+    target or a :class:`DtmGrpcClient`. Without the client's ``http``, a ``wait_result`` submit
+    reports DTM's answer as it came (there is no gRPC query to settle it).
+    """
+
+    client: DtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_grpc_client(dtm)
+
+
+class Msg(GrpcMsgCore, _msg.Msg):
+    """A 2-phase message over DTM's gRPC API (Go's ``dtmgrpc.NewMsgGrpc``).
+
+    ``add(url, message)``, ``prepare(query_prepared_url)``, ``submit()``, ``abort()`` and
+    ``do_and_submit(query_prepared_url, busi_call)`` / ``do_and_submit_db`` decide as
+    :class:`dtmcli.Msg` does; ``query_prepared`` is a gRPC method answering OK, Aborted (roll back)
+    or FailedPrecondition (not yet). Concurrent messages are HTTP only.
+    """
+
+    client: DtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_grpc_client(dtm)
+
+
+class Tcc(GrpcTccCore, _tcc.Tcc):
+    """A TCC over DTM's gRPC API (Go's ``dtmgrpc.TccGlobalTransaction`` / ``TccFromGrpc``).
+
+    Usually driven by :func:`tcc_global_transaction`. ``Tcc.from_grpc(context)`` continues the
+    global transaction inside a gRPC try handler (nested branches ``<branch_id>01``, ...).
+    """
+
+    client: DtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_grpc_client(dtm)
+
+    def call_branch(
+        self, payload: Any, try_url: str, confirm_url: str, cancel_url: str, reply: Reply = None
+    ) -> Any:
+        """Register the branch (``BusiPayload`` = ``payload``, a protobuf message or bytes), then call its
+        try with the ``dtm-*`` metadata; return the reply (``reply``: a message class or message to
+        parse into, or ``None`` for the raw bytes).
+
+        Aborted raises DtmFailure, FailedPrecondition DtmOngoing, other codes their typed error;
+        any error after the registration makes the global transaction abort.
+        """
+        return self._drive(self._call_grpc_branch_flow(payload, try_url, confirm_url, cancel_url, reply))
+
+
+class Xa(GrpcXaCore, _xa.Xa):
+    """An XA global transaction over DTM's gRPC API (Go's ``dtmgrpc.XaGlobalTransaction``)."""
+
+    client: DtmGrpcClient  # type: ignore[assignment]
+
+    def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
+        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        super().__init__(target, gid, **options)
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_grpc_client(dtm)
+
+    def call_branch(self, payload: Any, url: str, reply: Reply = None) -> Any:
+        """Call the branch's action (``dtm-op`` action, ``dtm-phase2_url`` = ``url``); return its reply
+        (see :meth:`Tcc.call_branch`). Any error makes the global transaction abort."""
+        return self._drive(self._call_grpc_branch_flow(payload, url, reply))
+
+
+@overload
+def tcc_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = ..., callback: None = ..., **options: Any
+) -> GlobalTransaction[Tcc]: ...
+
+
+@overload
+def tcc_global_transaction(dtm: DtmGrpcLike, gid: Optional[str], callback: Callable[[Tcc], R], **options: Any) -> R: ...
+
+
+@overload
+def tcc_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = ..., *, callback: Callable[[Tcc], R], **options: Any
+) -> R: ...
+
+
+def tcc_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = None, callback: Optional[Callable[[Tcc], Any]] = None, **options: Any
+) -> Any:
+    """A TCC global transaction over gRPC, in the three shapes of :func:`dtmcli.tcc_global_transaction`
+    (``with``, decorator, ``callback``): prepare, the body, then submit, or abort with the error's
+    text as ``rollback_reason`` (for a branch's gRPC error, Go's ``rpc error: code = ... desc = ...``)."""
+    return global_transaction(GlobalTransaction, Tcc, "tcc_global_transaction", dtm, gid, callback, options)
+
+
+@overload
+def xa_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = ..., callback: None = ..., **options: Any
+) -> GlobalTransaction[Xa]: ...
+
+
+@overload
+def xa_global_transaction(dtm: DtmGrpcLike, gid: Optional[str], callback: Callable[[Xa], R], **options: Any) -> R: ...
+
+
+@overload
+def xa_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = ..., *, callback: Callable[[Xa], R], **options: Any
+) -> R: ...
+
+
+def xa_global_transaction(
+    dtm: DtmGrpcLike, gid: Optional[str] = None, callback: Optional[Callable[[Xa], Any]] = None, **options: Any
+) -> Any:
+    """An XA global transaction over gRPC (see :func:`tcc_global_transaction`). Unlike Go's, which sends
+    only gid and trans_type, prepare carries the options (so ``timeout_to_fail`` and friends apply)."""
+    return global_transaction(GlobalTransaction, Xa, "xa_global_transaction", dtm, gid, callback, options)
+
+
+def register_xa_branch(context: Any, *, dtm: Optional[DtmGrpcLike] = None) -> None:
+    """Branch side of an XA action served over gRPC: register the branch with DTM (``RegisterBranch``
+    with ``Data{"url": dtm-phase2_url}``, as Go's ``XaLocalTransaction``), inside the local XA
+    transaction, before ``XA PREPARE`` (protocol.md §9).
+
+    ``context`` is the handler's servicer context (or its metadata, or a
+    :class:`~dtmcli.grpc.GrpcBranchInfo`); ``dtm`` pins the DTM target instead of the trusted
+    ``dtm-dtm``. Aborted (the global transaction is no longer prepared) raises DtmFailure: roll back.
+    """
+    from .server import GrpcBranchInfo, branch_info_from_grpc
+
+    info = context if isinstance(context, GrpcBranchInfo) else branch_info_from_grpc(context)
+    body = _xa.xa_registration(info)
+    client = as_grpc_client(dtm if dtm is not None else info.require_dtm())
+    run(_xa.register_xa_branch_flow(client, body), client)
