@@ -49,10 +49,16 @@ def try_query(g: str, bid: str) -> dict[str, str]:
     return {"dtm": DTM, "gid": g, "branch_id": bid, "trans_type": "tcc", "op": "try"}
 
 
-def make_new() -> Callable[[], None]:
+def make_new(transport: str = "") -> Callable[[], None]:
+    """dtmcli on its default transport, or on ``transport`` (``urllib3``: the default before issue 15)."""
     from dtmcli import DtmClient, Msg, Saga
 
-    dtm = DtmClient(DTM)
+    if transport == "urllib3":
+        from dtmcli._transport import Urllib3Transport
+
+        dtm = DtmClient(DTM, transport=Urllib3Transport())
+    else:
+        dtm = DtmClient(DTM)
 
     def saga() -> None:
         Saga(dtm, gid()).add(f"{BUSI}/TransOut", f"{BUSI}/TransOutCom", P1).add(
@@ -167,7 +173,9 @@ def make_old() -> Callable[[], None]:
 
 
 def main() -> None:
-    fn = {"new": make_new, "raw": make_raw, "httpclient": make_httpclient, "old": make_old}[IMPL]()
+    makers = {"new": make_new, "new-urllib3": lambda: make_new("urllib3"), "raw": make_raw,
+              "httpclient": make_httpclient, "old": make_old}
+    fn = makers[IMPL]()
     for _ in range(min(200, N)):  # warm-up: connections, imports, caches
         fn()
     lat = []

@@ -1,6 +1,9 @@
 """Client overhead per call: dtmcli vs a raw requests.Session, stdlib http.client, and PyPI dtmcli 1.7.7.0.
 
-All four send the same bodies to one local endpoint that answers at once (bench/_sink.py, its own
+``new`` is dtmcli on its default transport (the lean ``Http11Transport``), ``new-urllib3`` the same
+calls on ``Urllib3Transport`` (the default before issue 15).
+
+All of them send the same bodies to one local endpoint that answers at once (bench/_sink.py, its own
 process). Rounds interleave the implementations so machine noise hits them alike; the table shows
 the median over rounds. Ratios are what matter; absolute times are context.
 
@@ -21,7 +24,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OLD_VENV = HERE / ".venv-old"
-IMPLS = ("new", "raw", "httpclient", "old")
+IMPLS = ("new", "new-urllib3", "raw", "httpclient", "old")
 
 
 def old_python() -> str:
@@ -59,7 +62,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", default="saga,tcc,msg")
     args = ap.parse_args()
-    pythons = {"new": sys.executable, "raw": sys.executable, "httpclient": sys.executable, "old": old_python()}
+    pythons = {"new": sys.executable, "new-urllib3": sys.executable, "raw": sys.executable,
+               "httpclient": sys.executable, "old": old_python()}
     sink, base = start_sink()
     try:
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -91,6 +95,8 @@ def main() -> None:
             f"  dtmcli/http.client {ratio('new', 'httpclient', 'mean_us'):5.2f}x "
             f"({ratio('new', 'httpclient', 'cpu_us'):.2f}x)"
             f"  1.7.7.0/dtmcli {ratio('old', 'new', 'mean_us'):5.2f}x ({ratio('old', 'new', 'cpu_us'):.2f}x)"
+            f"  on-urllib3/dtmcli {ratio('new-urllib3', 'new', 'mean_us'):5.2f}x "
+            f"({ratio('new-urllib3', 'new', 'cpu_us'):.2f}x)"
         )
 
 if __name__ == "__main__":

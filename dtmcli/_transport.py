@@ -25,29 +25,19 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
+from ._http11 import MAX_TIMEOUT, Http11Transport, check_timeout
 from ._protocol import Response
 from .errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 
-__all__ = ["Transport", "RequestsTransport", "Urllib3Transport", "default_transport", "check_timeout"]
+__all__ = [
+    "Transport", "Http11Transport", "RequestsTransport", "Urllib3Transport", "default_transport", "check_timeout",
+    "MAX_TIMEOUT",
+]
 
 logger = logging.getLogger("dtmcli")
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
-
-MAX_TIMEOUT = 1e9
-"""The longest timeout in seconds (about 31 years); sockets refuse much larger ones with OverflowError."""
-
-
-def check_timeout(value: Any, what: str = "timeout") -> Optional[float]:
-    """``value`` if it is a positive, finite number of seconds or ``None`` (no deadline), else DtmInvalidInput."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT:
-        raise DtmInvalidInput(
-            f"{what} must be a positive number of seconds up to 1e9, or None for no deadline, not {value!r}"
-        )
-    return value
 
 # -- fork safety ---------------------------------------------------------------------------------
 # A forked child must not use the keep-alive sockets it inherited: parent and children would read
@@ -439,13 +429,16 @@ class Urllib3Transport(_ForkSafe):
 def default_transport(timeout: Optional[float] = 10.0) -> Transport:
     """The transport a DtmClient gets when none is given.
 
-    ``DTMCLI_TRANSPORT=requests`` or ``=urllib3`` chooses explicitly (tests that pin bodies with
-    the ``responses`` library need ``requests``). Otherwise urllib3, unless a proxy is configured
-    in the environment: then requests, which honours proxy variables and ``NO_PROXY``.
+    ``DTMCLI_TRANSPORT=http11``, ``=urllib3`` or ``=requests`` chooses explicitly (tests that pin
+    bodies with the ``responses`` library need ``requests``). Otherwise :class:`Http11Transport`
+    (the lean one), unless a proxy is configured in the environment: then requests, which honours
+    proxy variables and ``NO_PROXY``.
     """
     choice = os.environ.get("DTMCLI_TRANSPORT", "").strip().lower()
-    if choice not in ("", "requests", "urllib3"):
-        raise DtmInvalidInput(f"DTMCLI_TRANSPORT must be 'requests' or 'urllib3', not {choice!r}")
+    if choice not in ("", "http11", "requests", "urllib3"):
+        raise DtmInvalidInput(f"DTMCLI_TRANSPORT must be 'http11', 'urllib3' or 'requests', not {choice!r}")
     if choice == "requests" or (not choice and any(k.lower() != "no" for k in getproxies())):
         return RequestsTransport(timeout=timeout)
-    return Urllib3Transport(timeout=timeout)
+    if choice == "urllib3":
+        return Urllib3Transport(timeout=timeout)
+    return Http11Transport(timeout=timeout)

@@ -13,7 +13,7 @@ import pytest
 from web_servers import serve_http
 
 from dtmcli import DtmClient, DtmInvalidInput, DtmTimeout, DtmTransportError, Msg, Saga
-from dtmcli._transport import RequestsTransport, Transport, Urllib3Transport, default_transport
+from dtmcli._transport import Http11Transport, RequestsTransport, Transport, Urllib3Transport, default_transport
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -110,7 +110,7 @@ def test_default_transport_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DTMCLI_TRANSPORT", "")
-    assert isinstance(default_transport(), Urllib3Transport)
+    assert isinstance(default_transport(), Http11Transport)  # the lean transport (issue 15)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert isinstance(default_transport(), RequestsTransport)  # requests honours proxy variables
     monkeypatch.setenv("DTMCLI_TRANSPORT", "urllib3")
