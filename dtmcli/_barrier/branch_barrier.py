@@ -81,6 +81,17 @@ class BarrierBase:
         return cls(info.trans_type, info.gid, info.branch_id, info.op, table=table)
 
     @classmethod
+    def from_grpc(cls: type[B], context: Any, *, table: Optional[str] = None) -> B:
+        """The barrier of the gRPC branch call served with ``context`` (a grpcio or ``grpc.aio`` servicer context).
+
+        Read from its ``dtm-*`` metadata (the ``grpc`` extra); a missing or malformed field raises
+        :class:`~dtmcli.errors.BranchRequestError`.
+        """
+        from ..grpc.server import branch_info_from_grpc  # the optional grpc extra, only when used
+
+        return cls.from_info(branch_info_from_grpc(context), table=table)
+
+    @classmethod
     def for_msg(cls: type[B], gid: str, *, table: Optional[str] = None) -> B:
         """The barrier of a 2-phase message's local transaction (branch ``00``, op ``msg``)."""
         return cls(MSG, gid, MSG_BRANCH_ID, OP_MSG, table=table)

@@ -156,6 +156,9 @@ class BarrierStore(StoreErrors, Protocol):
     """One local transaction of a barrier backend, blocking form: the I/O the flows ask for by name.
 
     The asyncio stores have the same methods as coroutines (:func:`arun_barrier` awaits them).
+    Optional: ``combined_insert`` (bool) with ``insert_pair(trans_type, gid, branch_id, origin_op,
+    op, barrier_id, reason) -> (origin_affected, current_affected)``, and ``recheck_row`` with
+    ``require_row(gid, branch_id, op, barrier_id)`` (see :func:`barrier_flow`).
     """
 
     def begin(self) -> None: ...
@@ -195,13 +198,17 @@ def barrier_flow(
     """The barrier algorithm (protocol.md §7) as a flow over a store's effects.
 
     Yields ``StoreOp`` begin, insert_if_absent (origin op, then current op), commit and rollback,
-    and ``Call(busi, store.tx)`` for the business function; a store whose ``recheck_row`` is true
-    (MySQL) is also asked to ``require_row`` (the current op's row, still there after the business
-    function, else a typed error) before the commit. Returns ``busi``'s result, or ``None``
-    when the call was a duplicate, suspended or a null compensation (committed without running
-    ``busi``). Raises DtmDuplicated for a repeated msg, the store's typed errors for its failures,
-    and whatever ``busi`` raised otherwise (after rolling the markers back with it). An error that is
-    not an Exception (a cancellation) at any step after begin rolls back and propagates unchanged.
+    and ``Call(busi, store.tx)`` for the business function. A store whose ``combined_insert`` is true
+    gets one ``insert_pair`` (both rows in one statement, answering ``(origin_affected,
+    current_affected)``) instead of the two inserts of an op with an origin op. A store whose
+    ``recheck_row`` is true (MySQL) is also asked to ``require_row`` (the current op's row, still
+    there after the business function, else a typed error) before the commit; it may defer that
+    check into the commit itself (MariaDB), which then raises the typed error instead of committing.
+    Returns ``busi``'s result, or ``None`` when the call was a duplicate, suspended or a null
+    compensation (committed without running ``busi``). Raises DtmDuplicated for a repeated msg, the
+    store's typed errors for its failures, and whatever ``busi`` raised otherwise (after rolling the
+    markers back with it). An error that is not an Exception (a cancellation) at any step after
+    begin rolls back and propagates unchanged.
     """
     bid = barrier.next_barrier_id()
     origin = origin_op(barrier.op)
@@ -217,8 +224,13 @@ def barrier_flow(
     except BaseException as exc:  # cancelled while opening: undo whatever was opened
         yield from _undo(store, exc, "begin")
     try:
-        origin_affected = (yield StoreOp("insert_if_absent", *ident, origin, bid, barrier.op)) if origin else 0
-        current_affected = yield StoreOp("insert_if_absent", *ident, barrier.op, bid, barrier.op)
+        if origin and getattr(store, "combined_insert", False):
+            # One statement inserting both rows and telling which were new (PostgreSQL, MariaDB >= 10.5).
+            origin_affected, current_affected = yield StoreOp(
+                "insert_pair", *ident, origin, barrier.op, bid, barrier.op)
+        else:
+            origin_affected = (yield StoreOp("insert_if_absent", *ident, origin, bid, barrier.op)) if origin else 0
+            current_affected = yield StoreOp("insert_if_absent", *ident, barrier.op, bid, barrier.op)
     except GeneratorExit:
         raise
     except BaseException as exc:
@@ -265,6 +277,9 @@ def barrier_flow(
     try:
         yield StoreOp("commit")
     except GeneratorExit:
+        raise
+    except DtmError as exc:  # the store refused to commit (an aborted or rolled-back transaction)
+        yield StoreOp("rollback", exc)
         raise
     except BaseException as exc:
         yield from _undo(store, exc, "commit")

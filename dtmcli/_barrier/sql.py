@@ -10,11 +10,13 @@ live in :mod:`dtmcli._barrier.sql_conn` (re-exported here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import re
 import threading
+import weakref
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from .. import _flow
@@ -39,6 +41,8 @@ from .sql_conn import (
     POSTGRES,
     _Adapter,
     _DbApiAdapter,
+    _driver_error,
+    _error_code,
     _is_db_exception,
     _map_db_error,
     _text,
@@ -50,6 +54,7 @@ from .sql_conn import (
     is_connection_error,
     is_retryable,
     map_db_error,
+    mariadb_version,
     normalize_dialect,
     require_utf8mb4_flow,
     rolled_back_error,
@@ -101,8 +106,83 @@ def _insert_sql(dialect: str, table: str) -> str:
     return f"insert into {table}{_COLUMNS} {values} on conflict (gid, branch_id, op, barrier_id) do nothing"
 
 
-def _select_reason_sql(table: str) -> str:
-    return f"select reason from {table} where gid = %s and branch_id = %s and op = %s and barrier_id = %s"
+def _insert_pair_sql(dialect: str, table: str, with_id: bool = False) -> str:
+    """Both rows of an op with an origin op in one statement, answering the ``op`` of each row it inserted.
+
+    PostgreSQL: ``ON CONFLICT DO NOTHING RETURNING``; MariaDB >= 10.5: ``INSERT IGNORE ... RETURNING``
+    (both return only the rows really inserted). The rows are the ones the two single inserts make,
+    in the same order. ``with_id`` (MariaDB, a table with an ``id`` column): ``returning id, op``,
+    the id of the row this call created, for the row check at commit.
+    """
+    values = "values(%s, %s, %s, %s, %s, %s), (%s, %s, %s, %s, %s, %s)"
+    if dialect == MYSQL:
+        return f"insert ignore into {table}{_COLUMNS} {values} returning {'id, ' if with_id else ''}op"
+    conflict = "on conflict (gid, branch_id, op, barrier_id) do nothing"
+    return f"insert into {table}{_COLUMNS} {values} {conflict} returning op"
+
+
+# MariaDB: the barrier row check and the COMMIT in one statement (an anonymous compound statement).
+# SIGNAL leaves the transaction open for the barrier to roll back; the message is how it is recognised.
+_ROW_GONE = "dtmcli: barrier row gone"
+_SIGNAL_ERRNO = 1644  # ER_SIGNAL_EXCEPTION: SQLSTATE '45000' raised by SIGNAL
+_PARSE_ERRNO = 1064
+
+
+def _row_where(by_id: bool) -> str:
+    """The barrier row of this call: by the id its INSERT created and its key, or (a table without
+    an ``id`` column) by its key alone, which a concurrent duplicate delivery's row also matches."""
+    key = "gid = %s and branch_id = %s and op = %s and barrier_id = %s"
+    return f"id = %s and {key}" if by_id else key
+
+
+def _checked_commit_sql(table: str, by_id: bool = False, restore: str = "") -> str:
+    """MariaDB: refuse (SIGNAL) unless the barrier row of this call is there, else COMMIT, then ``restore``
+    (the statement putting the caller's autocommit mode back), in one statement and one round trip."""
+    tail = f" {restore};" if restore else ""
+    return (
+        f"begin not atomic if not exists(select 1 from {table} where {_row_where(by_id)}) then signal sqlstate "
+        f"'45000' set message_text = '{_ROW_GONE}'; end if; commit;{tail} end"
+    )
+
+
+# Driver connections on which the server refused the compound statement: they keep the separate
+# check. The version gate already keeps it from servers that cannot parse it (MySQL, MariaDB
+# < 10.1; sql_mode=ORACLE parses it too), so this is for a handshake whose version is not the real
+# server's (a proxy's configured version string). Weak: an entry dies with its connection.
+_no_compound: weakref.WeakSet[Any] = weakref.WeakSet()
+# The same for INSERT IGNORE ... RETURNING (MariaDB >= 10.5): these connections get two single inserts.
+_no_returning: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _refused(refused: weakref.WeakSet[Any], raw: Any) -> bool:
+    try:
+        return raw in refused
+    except TypeError:  # the connection cannot be weakly referenced
+        return False
+
+# Whether a barrier table has an auto-increment ``id`` column (the standard DDL and Go's have one),
+# learnt by the once-per-(database, table) check. Keyed by the adapter's target and the validated
+# table name; a fact about a table, so it stays true in a forked child. Not known (the check has not
+# run yet in this process, or failed): the row check at commit uses the key alone, as before.
+_row_id_tables: dict[tuple[str, ...], bool] = {}
+
+
+def _returned_ops(rows: list[tuple[Any, ...]], origin: str, op: str) -> tuple[int, int]:
+    """``(origin_affected, current_affected)`` from the ops an insert_pair returned, compared exactly in Python.
+
+    The op is each row's last column (``returning op`` or ``returning id, op``). The table's
+    collation plays no part; only trailing spaces are dropped (a char(n) column pads, and no op
+    name ends with a space). Anything else returned is a table that does not store what the barrier
+    wrote: an error rather than a guess.
+    """
+    seen = {_text(row[-1]).rstrip(" ") for row in rows}
+    if not seen <= {origin, op} or len(rows) != len(seen):
+        raise BarrierDatabaseError(f"barrier insert returned unexpected ops {sorted(seen)!r} for {origin!r}/{op!r}")
+    return int(origin in seen), int(op in seen)
+
+
+def _select_reason_sql(table: str, by_id: bool = False) -> str:
+    return f"select reason from {table} where {_row_where(by_id)}"
 
 
 _PLACEHOLDER = re.compile(r"%s")
@@ -200,19 +280,22 @@ def _check_mysql(adapter: Any, table: str) -> Flow[list[Finding]]:
         "select column_name, data_type, character_set_name, collation_name, version(), exists(select 1 from "
         "information_schema.statistics where table_schema = coalesce(%s, database()) and table_name = %s and "
         "non_unique = 0 group by index_name having count(*) = 4 and group_concat(if(sub_part is null, "
-        "lower(column_name), '') order by lower(column_name)) = 'barrier_id,branch_id,gid,op') "
+        "lower(column_name), '') order by lower(column_name)) = 'barrier_id,branch_id,gid,op'), "
+        "exists(select 1 from information_schema.columns where table_schema = coalesce(%s, database()) and "
+        "table_name = %s and column_name = 'id' and locate('auto_increment', extra) > 0) "
         "from information_schema.columns where table_schema = coalesce(%s, database()) and table_name = %s "
         "and column_name in ('gid', 'branch_id', 'op', 'barrier_id')"
     )
-    rows = yield StoreOp("fetch_all", sql, (schema, name, schema, name))
+    rows = yield StoreOp("fetch_all", sql, (schema, name, schema, name, schema, name))
     if not rows:
         return [Finding("missing_table", table, f"barrier table {table} does not exist (or lacks its key columns)",
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
                         "`python -m dtmcli.sql ddl mysql`")]
     flavour = MARIADB if "mariadb" in _text(rows[0][4]).lower() else MYSQL
+    _row_id_tables[tuple(adapter.target()) + (table,)] = bool(rows[0][6])
     findings = _key_findings(table, flavour, {_text(r[0]) for r in rows}, bool(rows[0][5]))
     problems: dict[str, list[str]] = {}
-    for column, data_type, charset, collation, _version, _unique in rows:
+    for column, data_type, charset, collation, _version, _unique, _id in rows:
         column, data_type = _text(column), _text(data_type)
         charset = _text(charset) if charset is not None else None
         collation = _text(collation) if collation is not None else None
@@ -414,6 +497,8 @@ class SqlStoreBase:
         self.adapter = adapter
         self.table = table
         self.where = dict(where)
+        self._required_row: Optional[tuple[tuple[Any, ...], bool]] = None
+        self._row_ids: dict[tuple[str, str, str, str], int] = {}
 
     def _label(self, cause: Optional[BaseException] = None) -> str:
         w = self.where
@@ -438,6 +523,83 @@ class SqlStoreBase:
         """The INSERT-IGNORE of one barrier row and its parameters."""
         return _insert_sql(self.adapter.dialect, self.table), (trans_type, gid, branch_id, op, barrier_id, reason)
 
+    @property
+    def combined_insert(self) -> bool:
+        """Whether both rows of an op with an origin op go in one statement (:func:`_insert_pair_sql`):
+        PostgreSQL, and MariaDB from 10.5 (told by the server's handshake); MySQL has no RETURNING."""
+        if self.adapter.dialect == POSTGRES:
+            return True
+        raw = self.adapter.dbapi_connection()
+        version = mariadb_version(raw)
+        return version is not None and version >= (10, 5) and not _refused(_no_returning, raw)
+
+    def insert_pair_flow(self, trans_type: str, gid: str, branch_id: str, origin: str, op: str, barrier_id: str,
+                         reason: str) -> Flow[tuple[int, int]]:
+        """Insert the origin op's and the op's rows in one statement; ``(origin_affected, current_affected)``."""
+        params = (trans_type, gid, branch_id, origin, barrier_id, reason, trans_type, gid, branch_id, op, barrier_id,
+                  reason)
+        with_id = self._table_has_id()
+        try:
+            rows = yield StoreOp("fetch_all", _insert_pair_sql(self.adapter.dialect, self.table, with_id), params)
+        except Exception as exc:
+            if not self._parse_error(exc, _no_returning, "INSERT ... RETURNING"):
+                raise
+            # MySQL: a statement the server could not parse did nothing, and the transaction goes on.
+            origin_affected = yield from self._insert_one_flow(*params[:6])
+            current_affected = yield from self._insert_one_flow(*params[6:])
+            return origin_affected, current_affected
+        affected = _returned_ops(rows, origin, op)  # a refusal is labelled by the flow's error mapping
+        if with_id:
+            for row in rows:
+                if _text(row[-1]).rstrip(" ") == op:
+                    self._note_row_id((gid, branch_id, op, barrier_id), row[0])
+        return affected
+
+    def _insert_one_flow(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
+                         reason: str) -> Flow[int]:
+        """One single-row INSERT IGNORE as a flow (the fallback of :meth:`insert_pair_flow`)."""
+        affected = yield StoreOp("execute", *self.insert_statement(trans_type, gid, branch_id, op, barrier_id, reason))
+        self.note_insert((gid, branch_id, op, barrier_id), int(affected))
+        return int(affected)
+
+    def _parse_error(self, exc: BaseException, refused: weakref.WeakSet[Any], what: str) -> bool:
+        """Whether ``exc`` is MySQL's parse error (1064) of a MariaDB-only statement; if so the connection
+        is remembered in ``refused`` (it keeps the portable statements from then on) and a WARNING says so:
+        a server whose handshake claims a MariaDB version it does not parse (a proxy's version string)."""
+        err = _driver_error(exc)
+        if self.adapter.dialect != MYSQL or err is None or _error_code(err) != _PARSE_ERRNO:
+            return False
+        logger.warning("the server refused the barrier's %s although its handshake says MariaDB %s (%s); using "
+                       "the portable statements on this connection from now on", what,
+                       mariadb_version(self.adapter.dbapi_connection()), exc)
+        with contextlib.suppress(TypeError):
+            refused.add(self.adapter.dbapi_connection())
+        return True
+
+    def _table_has_id(self) -> bool:
+        """MySQL: whether the table check found an auto-increment ``id`` column (``False`` while unknown)."""
+        if self.adapter.dialect != MYSQL:
+            return False
+        return _row_id_tables.get((*self.adapter.target(), self.table), False)
+
+    def note_insert(self, key: tuple[str, str, str, str], affected: int) -> None:
+        """After a single-row INSERT: remember the id of the row it created (MySQL ``lastrowid``, read
+        from the answer to the INSERT itself), for the row check at commit."""
+        if affected == 1 and self._table_has_id():
+            self._note_row_id(key, getattr(self.adapter, "last_id", None))
+
+    def _note_row_id(self, key: tuple[str, str, str, str], value: Any) -> None:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            self._row_ids[key] = value
+
+    def _compound_commit(self) -> bool:
+        """MariaDB on a plain driver connection: the row check can ride on the COMMIT (:func:`_checked_commit_sql`)."""
+        if not getattr(self.adapter, "owns_commit", False) or self.adapter.dialect != MYSQL:
+            return False
+        raw = self.adapter.dbapi_connection()
+        version = mariadb_version(raw)
+        return version is not None and version >= (10, 1) and not _refused(_no_compound, raw)
+
     def reason_statement(self, gid: str, branch_id: str, op: str, barrier_id: str) -> tuple[str, tuple[str, ...]]:
         """The SELECT of one barrier row's reason and its parameters."""
         return _select_reason_sql(self.table), (gid, branch_id, op, barrier_id)
@@ -453,17 +615,54 @@ class SqlStoreBase:
 
     @property
     def recheck_row(self) -> bool:
-        """MySQL: re-read the op's row before COMMIT. InnoDB answers a deadlock (and a lock wait timeout
-        under innodb_rollback_on_timeout) by rolling back the whole transaction, barrier rows included;
-        business code that catches the error goes on in a new transaction. PostgreSQL aborts instead
-        (refused before COMMIT without a round trip)."""
+        """MySQL: re-read the op's row before COMMIT (MariaDB: within the COMMIT's statement). InnoDB
+        answers a deadlock (and a lock wait timeout under innodb_rollback_on_timeout) by rolling back the
+        whole transaction, barrier rows included; business code that catches the error goes on in a new
+        transaction. PostgreSQL aborts instead (refused before COMMIT without a round trip)."""
         return bool(self.adapter.dialect == MYSQL)
 
     def require_row_flow(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Flow[None]:
-        """Raise :func:`~dtmcli._barrier.sql_conn.rolled_back_error` unless the barrier row is still there."""
-        reason = yield from self.reason_flow(gid, branch_id, op, barrier_id)
-        if reason is None:
+        """Raise :func:`~dtmcli._barrier.sql_conn.rolled_back_error` unless the barrier row is still there.
+
+        On MariaDB over a plain driver connection the check is deferred into the commit
+        (:meth:`commit_flow`): the same read, in the same transaction, sent with the COMMIT.
+        """
+        key = (gid, branch_id, op, barrier_id)
+        row_id = self._row_ids.get(key)
+        row = ((row_id, *key), True) if row_id is not None else (key, False)
+        if self._compound_commit():
+            self._required_row = row
+            return
+        yield from self._require_flow(*row)
+
+    def _require_flow(self, params: tuple[Any, ...], by_id: bool) -> Flow[None]:
+        """The separate row check: the row this call inserted (by id and key), or its key alone."""
+        found = yield StoreOp("fetch_one", _select_reason_sql(self.table, by_id), params)
+        if found is None:
             raise rolled_back_error(self.where)
+
+    def commit_flow(self) -> Flow[None]:
+        """COMMIT; with a deferred row check, one statement that refuses (rolled_back_error) unless the
+        row is there and commits otherwise. A server refusing that statement's syntax gets the separate
+        check and a plain COMMIT, on this call and every later one on this connection."""
+        row, self._required_row = self._required_row, None
+        if row is None:
+            yield StoreOp("commit")
+            return
+        params, by_id = row
+        sql = _checked_commit_sql(self.table, by_id, getattr(self.adapter, "restore_sql", ""))
+        try:
+            yield StoreOp("commit_by", sql, params)
+            return
+        except Exception as exc:
+            err = _driver_error(exc)
+            code = _error_code(err) if err is not None else None
+            if code == _SIGNAL_ERRNO and _ROW_GONE in str(exc):
+                raise rolled_back_error(self.where) from exc
+            if not self._parse_error(exc, _no_compound, "checked COMMIT"):
+                raise
+        yield from self._require_flow(params, by_id)
+        yield StoreOp("commit")
 
     def map_error(self, exc: BaseException, what: str) -> DtmError:
         return _map_db_error(exc, what, self.where)
@@ -483,16 +682,24 @@ class _SqlStore(SqlStoreBase):
 
     def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
                          reason: str) -> int:
-        return int(self.adapter.execute(*self.insert_statement(trans_type, gid, branch_id, op, barrier_id, reason)))
+        affected = int(self.adapter.execute(*self.insert_statement(trans_type, gid, branch_id, op, barrier_id,
+                                                                   reason)))
+        self.note_insert((gid, branch_id, op, barrier_id), affected)
+        return affected
 
     def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
         return _flow.run(self.reason_flow(gid, branch_id, op, barrier_id), self.adapter)
+
+    def insert_pair(self, trans_type: str, gid: str, branch_id: str, origin: str, op: str, barrier_id: str,
+                    reason: str) -> tuple[int, int]:
+        return _flow.run(self.insert_pair_flow(trans_type, gid, branch_id, origin, op, barrier_id, reason),
+                         self.adapter)
 
     def require_row(self, gid: str, branch_id: str, op: str, barrier_id: str) -> None:
         _flow.run(self.require_row_flow(gid, branch_id, op, barrier_id), self.adapter)
 
     def commit(self) -> None:
-        self.adapter.commit()
+        _flow.run(self.commit_flow(), self.adapter)
 
     def rollback(self, cause: BaseException) -> None:
         _flow.run(self.rollback_flow(cause), self.adapter)

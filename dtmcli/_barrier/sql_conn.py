@@ -12,6 +12,7 @@ aiomysql included), :func:`begin_plan`, :func:`savepoint_plan`, :func:`is_aborte
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 import weakref
@@ -40,11 +41,15 @@ __all__ = [
     "is_connection_error",
     "is_retryable",
     "map_db_error",
+    "mariadb_version",
+    "mysql_autocommit",
+    "mysql_autocommit_switch",
     "is_aborted",
     "joined_transaction_error",
     "normalize_dialect",
     "open_transaction_error",
     "rolled_back_error",
+    "row_values",
     "savepoint_plan",
     "require_utf8mb4",
     "require_utf8mb4_flow",
@@ -68,6 +73,9 @@ _MYSQL_RETRYABLE = frozenset({1205, 1213})
 _PG_RETRYABLE = frozenset({"40P01", "55P03", "40001"})
 # Connection-level failures: gone away, lost, killed, shutdown, packet out of order, not connected.
 _MYSQL_CONNECTION = frozenset({1053, 1927, 2006, 2013, 2014, 2055})
+
+
+logger = logging.getLogger("dtmcli")
 
 
 def normalize_dialect(dialect: str) -> str:
@@ -143,6 +151,17 @@ def _is_db_exception(exc: BaseException) -> bool:
 # --- decisions the blocking and asyncio adapters share ---------------------------------------------
 
 IMPLICIT, AUTOCOMMIT_OFF, BEGIN = "implicit", "autocommit_off", "begin"
+SAVE_AUTOCOMMIT = "save_autocommit"
+
+# MySQL: the statements that turn autocommit off for a barrier call and put the caller's mode back.
+# Setting autocommit from 0 to 1 commits the open transaction (MySQL's implicit commit), so each
+# restoring statement is also the call's COMMIT: no round trip is added to the BEGIN + COMMIT they
+# replace. The second one saves an unknown mode in a user variable and puts it back (to 0 again
+# after the commit when it was 0).
+_AUTOCOMMIT_OFF_SQL = "set autocommit = 0"
+_SAVE_AUTOCOMMIT_SQL = "set @dtmcli_autocommit = @@session.autocommit, autocommit = 0"
+_RESTORE_ON_SQL = "set autocommit = 1"
+_RESTORE_SAVED_SQL = "set autocommit = 1, autocommit = @dtmcli_autocommit"
 
 
 def open_transaction_error() -> DtmInvalidInput:
@@ -158,16 +177,48 @@ def begin_plan(postgres: bool, in_transaction: bool, autocommit: Optional[bool])
 
     ``autocommit`` is the connection's setting, ``None`` when the driver cannot tell it. Returns
     ``implicit`` (the first statement opens the transaction: no BEGIN round trip), ``autocommit_off``
-    (PostgreSQL with autocommit on: turn it off for the call, restore it after) or ``begin`` (an
-    explicit BEGIN: with autocommit on, the barrier rows would otherwise commit on their own and a
-    failed business call would leave them behind, every retry a "duplicate"). A connection with a
-    transaction already open is refused (DtmInvalidInput): the barrier would commit the caller's work.
+    (autocommit on: turn it off for the call, restore it after) or, on MySQL when the mode is
+    unknown, ``save_autocommit`` (save the session's mode in a user variable while turning it off).
+    A BEGIN alone is not enough on MySQL: InnoDB's rollback on a deadlock ends the transaction, the
+    session falls back to autocommit, and business statements after a caught deadlock would commit
+    one by one before the barrier could refuse them. A connection with a transaction already open
+    is refused (DtmInvalidInput): the barrier would commit the caller's work.
     """
     if in_transaction:
         raise open_transaction_error()
     if postgres:
         return AUTOCOMMIT_OFF if autocommit else IMPLICIT
-    return IMPLICIT if autocommit is False else BEGIN
+    if autocommit is None:
+        return SAVE_AUTOCOMMIT
+    return AUTOCOMMIT_OFF if autocommit else IMPLICIT
+
+
+def mysql_autocommit_switch(plan: str) -> tuple[str, str]:
+    """MySQL: ``(statement turning autocommit off, statement restoring the caller's mode)`` for a
+    :func:`begin_plan` of ``autocommit_off`` or ``save_autocommit``; ``("", "")`` for ``implicit``.
+
+    The restoring statement commits too: it is the COMMIT (inside MariaDB's checked COMMIT it
+    follows the COMMIT), or it runs after the ROLLBACK: the caller's mode is back on every path.
+    """
+    if plan == AUTOCOMMIT_OFF:
+        return _AUTOCOMMIT_OFF_SQL, _RESTORE_ON_SQL
+    if plan == SAVE_AUTOCOMMIT:
+        return _SAVE_AUTOCOMMIT_SQL, _RESTORE_SAVED_SQL
+    return "", ""
+
+
+def mysql_autocommit(raw: Any) -> Optional[bool]:
+    """Whether a MySQL driver connection is in autocommit mode, from the server status of its last
+    answer (no round trip): PyMySQL, aiomysql and mysqlclient ``get_autocommit()``, mysql-connector's
+    C extension; ``None`` when the driver cannot tell without asking the server."""
+    get = getattr(raw, "get_autocommit", None)
+    if callable(get):
+        return bool(get())
+    cmysql = getattr(raw, "_cmysql", None)
+    status = getattr(cmysql, "st_server_status", None)
+    if callable(status):
+        return bool(int(status()) & 2)  # SERVER_STATUS_AUTOCOMMIT
+    return None
 
 
 def is_aborted(raw: Any, conn: Any = None) -> bool:
@@ -221,6 +272,15 @@ def rolled_back_error(where: Optional[Mapping[str, Any]] = None) -> BarrierDatab
         "on; nothing is committed (let the error propagate)",
         **(where or {}),
     )
+
+
+def restore_quietly(adapter: Any, restore: str) -> None:
+    """Put the caller's autocommit mode back after a rollback (blocking adapter); a failure is logged:
+    the rollback's outcome is what the caller gets, and a lost connection has no mode left to restore."""
+    try:
+        adapter.execute(restore, ())
+    except Exception as exc:
+        logger.warning("barrier: restoring the connection's autocommit mode failed: %s", exc)
 
 
 # --- one call per connection at a time --------------------------------------------------------
@@ -280,6 +340,10 @@ class _Adapter:
     dialect: str
     conn: Any
     driver: str = ""
+    restore_sql = ""
+    """MySQL: the statement putting the caller's autocommit mode back, pending until the call ends."""
+    last_id: Optional[int] = None
+    """MySQL: ``lastrowid`` of the last :meth:`execute` (the id of the row an INSERT created, else 0)."""
 
     def begin(self) -> None:
         raise NotImplementedError
@@ -319,6 +383,15 @@ class _Adapter:
         """Which database this connection talks to, for the once-per-target table check."""
         return raw_target(self.driver, self.conn)
 
+    owns_commit = False
+    """Whether the barrier sends its COMMIT itself (a plain driver connection), so that a statement
+    that checks and commits (:meth:`commit_by`) can stand in for it; SQLAlchemy and Django commit
+    through their own transaction objects."""
+
+    def commit_by(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Commit by running ``sql``, a statement that ends the transaction itself (see :attr:`owns_commit`)."""
+        raise NotImplementedError
+
 
 class _DbApiAdapter(_Adapter):
     """A plain DB-API connection: the barrier opens, commits and rolls back its own transaction."""
@@ -343,25 +416,35 @@ class _DbApiAdapter(_Adapter):
         return False
 
     def begin(self) -> None:
-        postgres = self.driver in _PG_DRIVERS
-        autocommit = bool(self.conn.autocommit) if postgres else (
-            bool(self.conn.get_autocommit()) if self.driver == "pymysql" else None)
-        plan = begin_plan(postgres, self._in_transaction(), autocommit)
-        if plan == AUTOCOMMIT_OFF:
-            self._restore_autocommit = True
-            self.conn.autocommit = False
-        if plan != BEGIN:
-            return  # psycopg, and PyMySQL with autocommit off: the first statement opens the transaction
-        if hasattr(self.conn, "begin"):  # PyMySQL, MySQLdb
+        if self.driver in _PG_DRIVERS:
+            if begin_plan(True, self._in_transaction(), bool(self.conn.autocommit)) == AUTOCOMMIT_OFF:
+                self._restore_autocommit = True
+                self.conn.autocommit = False
+            return  # psycopg opens the transaction with the first statement
+        unknown = self.driver not in _DRIVERS and not hasattr(self.conn, "begin")
+        if unknown and not hasattr(self.conn, "start_transaction"):
+            # A driver we do not know, without a transaction API: it may commit on its own (client-side
+            # autocommit), whatever the server's mode.
+            raise self._cannot_begin()
+        if self.dialect == MYSQL:
+            plan = begin_plan(False, self._in_transaction(), mysql_autocommit(self.conn))
+            off, restore = mysql_autocommit_switch(plan)
+            if off:
+                self.execute(off, ())
+                self.restore_sql = restore
+            return  # with autocommit off, the first statement opens the transaction
+        # Another DB-API driver given dialect='postgres': its own BEGIN.
+        if hasattr(self.conn, "begin"):
             self.conn.begin()
-        elif hasattr(self.conn, "start_transaction"):  # mysql-connector
-            self.conn.start_transaction()
         else:
-            raise DtmInvalidInput(
-                f"cannot open a transaction on a {type(self.conn).__module__}.{type(self.conn).__name__} "
-                "connection: use PyMySQL, MySQLdb, mysql-connector, psycopg2 or psycopg, or a SQLAlchemy "
-                "Connection/Session"
-            )
+            self.conn.start_transaction()
+
+    def _cannot_begin(self) -> DtmInvalidInput:
+        return DtmInvalidInput(
+            f"cannot open a transaction on a {type(self.conn).__module__}.{type(self.conn).__name__} "
+            "connection: use PyMySQL, MySQLdb, mysql-connector, psycopg2 or psycopg, or a SQLAlchemy "
+            "Connection/Session"
+        )
 
     def _done(self) -> None:
         if self._restore_autocommit is not None:
@@ -370,7 +453,20 @@ class _DbApiAdapter(_Adapter):
 
     def commit(self) -> None:
         self.refuse_aborted()
-        self.conn.commit()
+        if self.restore_sql:
+            self.execute(self.restore_sql, ())  # commits, and the caller's autocommit mode is back
+        else:
+            self.conn.commit()
+        self.restore_sql = ""  # a failure above leaves it for the rollback that follows
+        self._done()
+
+    owns_commit = True
+
+    def commit_by(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Run ``sql``; it includes :attr:`restore_sql` after its COMMIT (see :func:`checked_commit_sql`)."""
+        self.refuse_aborted()
+        self.execute(sql, params)
+        self.restore_sql = ""
         self._done()
 
     def rollback(self) -> None:
@@ -379,11 +475,15 @@ class _DbApiAdapter(_Adapter):
         finally:
             if not getattr(self.conn, "closed", False):
                 self._done()
+                restore, self.restore_sql = self.restore_sql, ""
+                if restore:
+                    restore_quietly(self, restore)
 
     def execute(self, sql: str, params: tuple[str, ...]) -> int:
         cur = self.conn.cursor()
         try:
             cur.execute(sql, params)
+            self.last_id = getattr(cur, "lastrowid", None) if self.dialect == MYSQL else None
             return int(cur.rowcount)
         finally:
             cur.close()
@@ -392,7 +492,7 @@ class _DbApiAdapter(_Adapter):
         cur = self.conn.cursor()
         try:
             cur.execute(sql, params)
-            return [tuple(row) for row in cur.fetchall()]
+            return [row_values(row) for row in cur.fetchall()]
         finally:
             cur.close()
 
@@ -401,7 +501,7 @@ class _DbApiAdapter(_Adapter):
         try:
             cur.execute(sql, params)
             row = cur.fetchone()
-            return tuple(row) if row is not None else None
+            return row_values(row) if row is not None else None
         finally:
             cur.close()
 
@@ -444,6 +544,7 @@ class _SqlAlchemyAdapter(_Adapter):
         from sqlalchemy import text
 
         result = self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)})
+        self.last_id = getattr(result, "lastrowid", None) if self.dialect == MYSQL else None
         return int(result.rowcount)
 
     def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -490,12 +591,13 @@ class _DjangoAdapter(_Adapter):
     def execute(self, sql: str, params: tuple[str, ...]) -> int:
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
+            self.last_id = getattr(cur, "lastrowid", None) if self.dialect == MYSQL else None
             return int(cur.rowcount)
 
     def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
-            return [tuple(row) for row in cur.fetchall()]
+            return [row_values(row) for row in cur.fetchall()]
 
 
 def detect_dialect(conn: Any) -> str:
@@ -636,6 +738,46 @@ def raw_target(driver: str, conn: Any) -> tuple[str, ...]:
         return (driver, str(info.host), str(info.port), str(info.dbname))
     return (driver, str(getattr(conn, "host", "")), str(getattr(conn, "port", "")),
             _text(getattr(conn, "db", "") or ""))
+
+
+def mariadb_version(raw: Any) -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of the MariaDB server behind a MySQL driver connection, ``None`` for MySQL or unknown.
+
+    Read from the version the server sent in its handshake (PyMySQL, aiomysql, mysqlclient and
+    mysql-connector keep it on the connection, and a reconnect replaces it): no round trip, nothing cached.
+    """
+    try:
+        text = _server_info(raw)
+    except Exception:  # a closed connection, an unknown driver: no MariaDB-only statements
+        return None
+    if "mariadb" not in text.lower():
+        return None
+    # MariaDB 10+ announces itself as "5.5.5-10.11.6-MariaDB..." to old clients.
+    match = re.match(r"(?:5\.5\.5-)?(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _server_info(raw: Any) -> str:
+    """The handshake's version string: mysql-connector's ``server_info`` property (its
+    ``get_server_info()`` is deprecated and warns), PyMySQL/aiomysql ``server_version``, else
+    ``get_server_info()`` (mysqlclient)."""
+    for name in ("server_info", "server_version"):
+        value = getattr(raw, name, None)
+        if isinstance(value, (str, bytes, bytearray)):
+            return _text(value)
+    info = getattr(raw, "get_server_info", None)
+    return _text(info()) if callable(info) else ""
+
+
+def row_values(row: Any) -> tuple[Any, ...]:
+    """A fetched row as the tuple of its values, whatever the connection's row type.
+
+    A connection made with a dict-row cursor (PyMySQL ``DictCursor``, psycopg2 ``RealDictCursor``,
+    psycopg ``dict_row``) returns mappings, whose ``tuple()`` is the column names: the barrier would
+    read ``'reason'`` as the stored reason (query_prepared then answered SUCCESS for a msg never
+    committed) and ``'op'`` as the op an insert returned.
+    """
+    return tuple(row.values()) if isinstance(row, Mapping) else tuple(row)
 
 
 def _text(value: Any) -> str:

@@ -23,7 +23,6 @@ from .._barrier.core import DEFAULT_TABLE, BarrierIdentity, Decision, arun_barri
 from .._barrier.sql import SqlStoreBase, msg_where, numbered
 from .._barrier.sql_conn import (
     AUTOCOMMIT_OFF,
-    BEGIN,
     MYSQL,
     POSTGRES,
     _driver_error,
@@ -34,8 +33,10 @@ from .._barrier.sql_conn import (
     begin_plan,
     claimed,
     is_aborted,
+    mysql_autocommit_switch,
     normalize_dialect,
     raw_target,
+    row_values,
     savepoint_plan,
 )
 from .._dbkind import SYNC, kind_of
@@ -57,6 +58,16 @@ class _AsyncAdapter:
     driver: str = ""
     busi_ran = False
     """Set when the business function ran in this transaction (asyncpg then checks it before COMMIT)."""
+    owns_commit = False
+    """Whether a statement that checks and commits (:meth:`commit_by`) can stand in for the COMMIT."""
+    restore_sql = ""
+    """MySQL: the statement putting the caller's autocommit mode back, pending until the call ends."""
+    last_id: Optional[int] = None
+    """MySQL: ``lastrowid`` of the last :meth:`execute` (the id of the row an INSERT created, else 0)."""
+
+    async def commit_by(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Commit by running ``sql``, a statement that ends the transaction itself."""
+        raise NotImplementedError
 
     async def begin(self) -> None:
         raise NotImplementedError
@@ -196,7 +207,7 @@ class _PsycopgAdapter(_AsyncAdapter):
     async def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         async with self.conn.cursor() as cur:
             await cur.execute(sql, params)
-            return [tuple(row) for row in await cur.fetchall()]
+            return [row_values(row) for row in await cur.fetchall()]
 
 
 @functools.lru_cache(maxsize=1)
@@ -231,20 +242,40 @@ class _AiomysqlAdapter(_AsyncAdapter):
 
     async def begin(self) -> None:
         plan = begin_plan(False, bool(self.conn.get_transaction_status()), bool(self.conn.get_autocommit()))
-        if plan == BEGIN:
-            await self.conn.begin()
+        off, restore = mysql_autocommit_switch(plan)  # as the blocking adapter (autocommit off for the call)
+        if off:
+            await self.execute(off, ())
+            self.restore_sql = restore
 
     async def commit(self) -> None:
-        await self.conn.commit()
+        if self.restore_sql:
+            await self.execute(self.restore_sql, ())  # commits, and the caller's autocommit mode is back
+        else:
+            await self.conn.commit()
+        self.restore_sql = ""  # a failure above leaves it for the rollback that follows
+
+    owns_commit = True
+
+    async def commit_by(self, sql: str, params: tuple[Any, ...]) -> None:
+        await self.execute(sql, params)  # ``sql`` restores the autocommit mode after its COMMIT
+        self.restore_sql = ""
 
     async def rollback(self) -> None:
-        if not self.conn.closed:
-            await self.conn.rollback()
+        if self.conn.closed:  # closed: the server rolled back, and the session (and its mode) is gone
+            return
+        await self.conn.rollback()
+        restore, self.restore_sql = self.restore_sql, ""
+        if restore:
+            try:
+                await self.execute(restore, ())
+            except Exception as exc:
+                logger.warning("barrier: restoring the connection's autocommit mode failed: %s", exc)
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         cur = await self.conn.cursor(_quiet_cursor())
         try:
             await cur.execute(sql, params)
+            self.last_id = cur.lastrowid
             return int(cur.rowcount)
         finally:
             await cur.close()
@@ -296,7 +327,9 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         return await self.conn.execute(text(_to_named(sql)), {f"p{i}": v for i, v in enumerate(params)})
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> int:
-        return int((await self._run(sql, params)).rowcount)
+        result = await self._run(sql, params)
+        self.last_id = getattr(result, "lastrowid", None) if self.dialect == MYSQL else None
+        return int(result.rowcount)
 
     async def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in (await self._run(sql, params)).fetchall()]
@@ -416,16 +449,24 @@ class _AsyncSqlStore(SqlStoreBase):
 
     async def insert_if_absent(self, trans_type: str, gid: str, branch_id: str, op: str, barrier_id: str,
                                reason: str) -> int:
-        return await self.adapter.execute(*self.insert_statement(trans_type, gid, branch_id, op, barrier_id, reason))
+        affected = await self.adapter.execute(*self.insert_statement(trans_type, gid, branch_id, op, barrier_id,
+                                                                     reason))
+        self.note_insert((gid, branch_id, op, barrier_id), affected)
+        return affected
 
     async def read_reason(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Optional[str]:
         return await _flow.arun(self.reason_flow(gid, branch_id, op, barrier_id), self.adapter)
+
+    async def insert_pair(self, trans_type: str, gid: str, branch_id: str, origin: str, op: str, barrier_id: str,
+                          reason: str) -> tuple[int, int]:
+        return await _flow.arun(self.insert_pair_flow(trans_type, gid, branch_id, origin, op, barrier_id, reason),
+                                self.adapter)
 
     async def require_row(self, gid: str, branch_id: str, op: str, barrier_id: str) -> None:
         await _flow.arun(self.require_row_flow(gid, branch_id, op, barrier_id), self.adapter)
 
     async def commit(self) -> None:
-        await self.adapter.commit()
+        await _flow.arun(self.commit_flow(), self.adapter)
 
     async def rollback(self, cause: BaseException) -> None:
         # After a cancellation the rollback is bounded (CANCEL_GRACE): a database that stops answering
