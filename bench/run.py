@@ -11,6 +11,7 @@ SCRIPTS = [
     ["client_overhead.py", "--n", "2000", "--rounds", "3"],
     ["async_client.py", "--n", "2000", "--rounds", "3", "--seconds", "2"],
     ["tracing_overhead.py", "--n", "2000", "--rounds", "3"],
+    ["grpc_vs_http.py", "--n", "2000", "--rounds", "3"],
     ["barrier_overhead.py", "--seconds", "2"],
     ["e2e_throughput.py", "--seconds", "3"],
 ]

@@ -12,6 +12,7 @@ import collections.abc
 import functools
 import inspect
 import logging
+import sys
 import typing
 from typing import Any, Callable, Optional, Union
 
@@ -163,6 +164,15 @@ def _plain_info(args: tuple[Any, ...]) -> Union[BranchInfo, BranchResponse]:
     return args[0] if isinstance(args[0], BranchInfo) else parse_or_answer(args[0])
 
 
+def _grpc_call_info(args: tuple[Any, ...]) -> Optional[BranchInfo]:
+    """The call's BranchInfo when the handler is a gRPC servicer method (``args`` hold its context), else None."""
+    if "grpc" not in sys.modules:  # no gRPC context can exist: the optional extra is not even imported
+        return None
+    from .grpc.server import call_info
+
+    return call_info(args)
+
+
 def _checked_value(value: Any) -> Any:
     # A returned FAILURE/ONGOING is raised here, inside the barrier, so the barrier rolls the work back
     # exactly as for a raised DtmFailure (a later compensation is then a null one).
@@ -236,6 +246,12 @@ def barrier(
         async def compensate_in(info: BranchDep, conn: AsyncConnDep, tx=None):
             await tx.execute(...)
 
+    On a gRPC servicer method ``method(self, request, context, tx)`` (``async def`` under grpc.aio),
+    served with :class:`dtmcli.grpc.server.DtmServerInterceptor` (or its asyncio twin; without it the
+    call is refused before any statement runs), the call is the context's ``dtm-*`` metadata, the
+    handler gets no ``info`` (read :func:`~dtmcli.branch.current_branch_info`), and a skipped call is
+    answered with an empty reply.
+
     Called without ``info`` (the plain form), the first argument is the request, its query mapping
     or a BranchInfo, and the result is the mapped :class:`~dtmcli.branch.BranchResponse` (awaited
     for an ``async def`` handler).
@@ -291,12 +307,13 @@ def barrier(
     def _sync_wrapper(func: Callable[..., Any]) -> Callable[..., Any]:
         sync_db = checked_sync_source(db) if db is not None else None
 
-        def run(info: BranchInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def run(info: BranchInfo, args: tuple[Any, ...], kwargs: dict[str, Any], with_info: bool = True) -> Any:
             bb = BranchBarrier.from_info(info, table=table)
             conn_source = sync_db if db_arg is None else source(kwargs, False)
+            given = {"info": info} if with_info else {}  # a gRPC servicer method takes (self, request, context)
 
             def busi(tx: Any) -> Any:
-                return _checked_value(func(*args, info=info, **{**kwargs, tx_arg: tx}))
+                return _checked_value(func(*args, **given, **{**kwargs, tx_arg: tx}))
 
             if backend == "mongo":
                 return _answer(bb.mongo_call(conn_source, busi))
@@ -308,6 +325,9 @@ def barrier(
             info = kwargs.pop("info", None)
             if info is not None:
                 return run(info, args, kwargs)
+            grpc_info = _grpc_call_info(args)
+            if grpc_info is not None:  # the interceptor maps the outcome to a status
+                return run(grpc_info, args, kwargs, with_info=False)
             parsed = _plain_info(args)
             if isinstance(parsed, BranchResponse):
                 return parsed
@@ -318,12 +338,15 @@ def barrier(
     def _async_wrapper(func: Callable[..., Any]) -> Callable[..., Any]:
         from .asyncio.barrier import BranchBarrier as AsyncBranchBarrier
 
-        async def run(info: BranchInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        async def run(
+            info: BranchInfo, args: tuple[Any, ...], kwargs: dict[str, Any], with_info: bool = True
+        ) -> Any:
             bb = AsyncBranchBarrier.from_info(info, table=table)
             conn_source = source(kwargs, True)
+            given = {"info": info} if with_info else {}
 
             async def busi(tx: Any) -> Any:
-                return _checked_value(await func(*args, info=info, **{**kwargs, tx_arg: tx}))
+                return _checked_value(await func(*args, **given, **{**kwargs, tx_arg: tx}))
 
             if backend == "mongo":
                 return _answer(await bb.mongo_call(conn_source, busi))
@@ -333,6 +356,9 @@ def barrier(
             info = kwargs.pop("info", None)
             if info is not None:
                 return await run(info, args, kwargs)
+            grpc_info = _grpc_call_info(args)
+            if grpc_info is not None:
+                return await run(grpc_info, args, kwargs, with_info=False)
             parsed = _plain_info(args)
             if isinstance(parsed, BranchResponse):
                 return parsed

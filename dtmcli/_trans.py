@@ -14,7 +14,7 @@ from ._consts import ABORTING, DEFAULT_DTM, FAILED, MAX_REASON_LEN, PREPARED, SU
 from ._flow import Flow, Request, run
 from ._options import OPTION_NAMES, TransOptions, did_you_mean
 from ._protocol import Response, branch_error, client_branch_query
-from ._validate import check_gid
+from ._validate import check_gid, check_http_url
 from .client import ClientBase, DtmClient, DtmLike, as_client, local_gid
 from .errors import (
     DtmAttributeError,
@@ -369,6 +369,11 @@ class TransCore:
     def _extra_body(self) -> dict[str, Any]:
         return {}
 
+    def _check_url(self, url: Any, what: str, *, allow_empty: bool = False) -> str:
+        """``url`` checked as a branch URL of this transaction's protocol (HTTP here; the gRPC builders
+        of :mod:`dtmcli.grpc` check ``host:port/package.Service/Method``)."""
+        return check_http_url(url, what, gid=self._gid, allow_empty=allow_empty)
+
     def _prepare_flow(self) -> Flow[None]:
         # prepare is idempotent on DTM's side (a prepared gid answers success), so it may be retried.
         return self._post_trans("prepare", self.build_body(), idempotent=True)
@@ -437,6 +442,8 @@ class TransCore:
 
     def _settle(self, cause: Exception) -> Flow[None]:
         """Ask /query what really happened after an inconclusive submit answer (never resubmits)."""
+        if not self.client.can_query:  # DTM's gRPC API has no query: the answer stands
+            raise cause
         trans = yield from self.client._query_flow(self.gid)
         if trans is None or trans.status == PREPARED:
             raise cause  # DTM has not (yet) taken the submit: nothing to settle
@@ -462,6 +469,8 @@ class TransCore:
         submit of a submitted transaction is not idempotent on DTM (protocol.md §2), so the
         outcome is reported as unknown instead.
         """
+        if not self.client.can_query:  # DTM's gRPC API has no query: nothing can be checked, nothing is resent
+            raise cause
         trans = yield from self.client._query_flow(self.gid)
         if trans is None or trans.status == PREPARED:
             if not isinstance(cause, DtmConnectError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -14,7 +15,7 @@ import shortuuid
 from . import _otel
 from ._consts import DEFAULT_DTM
 from ._dtm_servers import env_urls
-from ._flow import Flow, Request, Sleep, run
+from ._flow import Effect, Flow, Request, Sleep, run
 from ._models import Transaction, TransactionPage
 from ._protocol import Response, dtm_error, dumps, parse_json_object
 from ._retry import NO_RETRY, Retry
@@ -48,12 +49,24 @@ class _TransportTimeout:
 _TRANSPORT_TIMEOUT: Any = _TransportTimeout()
 
 
+_URL_TOKEN = re.compile(r"([?&]token=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the value of a ``token`` query parameter (the workflow resume token) hidden, for logs."""
+    return _URL_TOKEN.sub(r"\1***", url)
+
+
 def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Hide branch header values (they often carry credentials) from debug logs."""
-    if "branch_headers" not in body:
+    """Hide branch header values (they often carry credentials) and the callback URL's token from debug logs."""
+    query = body.get("query_prepared")
+    if "branch_headers" not in body and not (isinstance(query, str) and "token=" in query):
         return body
     shown = dict(body)
-    shown["branch_headers"] = {k: "***" for k in body["branch_headers"]}
+    if "branch_headers" in body:
+        shown["branch_headers"] = {k: "***" for k in body["branch_headers"]}
+    if isinstance(query, str):
+        shown["query_prepared"] = redact_url(query)
     return shown
 
 
@@ -215,9 +228,9 @@ class ClientBase:
         gid: Optional[str] = None,
         idempotent: bool = False,
     ) -> Flow[Response]:
-        data = dumps(body) if body is not None else None
+        data = self._encode_body(path, body)
         if logger.isEnabledFor(logging.DEBUG):
-            shown = dumps(_redact(body)).decode() if body is not None else ""
+            shown = self._log_body(body) if body is not None else ""
             logger.debug("dtm %s %s gid=%s params=%s body=%.*s", method, path, gid, params, _LOG_BODY, shown)
 
         budget = self.timeout
@@ -233,7 +246,6 @@ class ClientBase:
         try:
             while True:
                 base = order[index % len(order)]
-                url = f"{base}/{path}"
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     message = f"{method} {path}: the {budget} s timeout ran out before a retry"
@@ -243,7 +255,7 @@ class ClientBase:
                 if cluster and idempotent and left is not None:
                     left /= len(order) - index % len(order)  # leave time for the servers not tried yet
                 try:
-                    resp: Response = yield Request(method, url, params, data, None, left)
+                    resp: Response = yield self._dtm_effect(method, base, path, params, data, left)
                     break
                 except DtmConnectError as exc:
                     refused = exc
@@ -284,6 +296,23 @@ class ClientBase:
                 logger.debug("dtm %s %s gid=%s failed: %s", method, path, gid, err)
             raise err
         return resp
+
+    # Hooks of _call_flow: the gRPC client (dtmcli.grpc) encodes a protobuf message and yields a gRPC call.
+    can_query: bool = True
+    """Whether ``_query_flow`` works (DTM's gRPC API has no query): the submit rules that settle an
+    unclear answer with a query raise that answer instead when it does not."""
+
+    def _encode_body(self, path: str, body: Optional[Mapping[str, Any]]) -> Any:
+        return dumps(body) if body is not None else None
+
+    def _log_body(self, body: Mapping[str, Any]) -> str:
+        return dumps(_redact(body)).decode()
+
+    def _dtm_effect(
+        self, method: str, base: str, path: str, params: Optional[Mapping[str, str]], data: Any,
+        timeout: Optional[float],
+    ) -> Effect:
+        return Request(method, f"{base}/{path}", params, data, None, timeout)
 
     def _post_flow(self, path: str, body: Mapping[str, Any], idempotent: bool = False) -> Flow[Response]:
         gid = body.get("gid")

@@ -11,7 +11,7 @@ from ._flow import Call, Flow, discard_awaitable, is_async_function
 from ._protocol import encode_custom_data, encode_payload
 from ._steps import StepTrans
 from ._trans import NEW, PREPARED_STATE, TransBase
-from ._validate import check_http_url, check_non_negative_int
+from ._validate import check_non_negative_int
 from .barrier import BranchBarrier
 from .client import DtmLike
 from .errors import DtmFailure, DtmInvalidInput
@@ -56,7 +56,7 @@ class MsgCore(StepTrans):
 
     @query_prepared.setter
     def query_prepared(self, url: str) -> None:
-        url = check_http_url(url, "query_prepared URL", gid=self.gid, allow_empty=True)
+        url = self._check_url(url, "query_prepared URL", allow_empty=True)
         with self._lock:
             self._check_mutable("change query_prepared")
             self._query_prepared = url
@@ -79,7 +79,7 @@ class MsgCore(StepTrans):
 
     def add(self: M, action: str, payload: Any) -> M:
         """Append an action DTM calls (POST with ``payload``, or GET when it is ``""``)."""
-        check_http_url(action, "msg action URL", gid=self.gid)
+        self._check_url(action, "msg action URL")
         return self._add_step(action, payload)
 
     def add_topic(self: M, topic: str, payload: Any) -> M:
@@ -115,7 +115,7 @@ class MsgCore(StepTrans):
         return super().build_body()
 
     def _prepare_op(self, query_prepared: str) -> Flow[None]:
-        check_http_url(query_prepared, "query_prepared URL", gid=self.gid)
+        self._check_url(query_prepared, "query_prepared URL")
 
         def check() -> None:
             if self._query_prepared and query_prepared != self._query_prepared:
@@ -129,7 +129,7 @@ class MsgCore(StepTrans):
 
     def _query_prepared_flow(self, query_prepared: Optional[str] = None) -> Flow[None]:
         url = query_prepared or self.query_prepared
-        check_http_url(url, "query_prepared URL", gid=self.gid)
+        self._check_url(url, "query_prepared URL")
         yield from self._request_branch("GET", url, MSG_BRANCH_ID, OP_MSG)
 
     def _msg_barrier(self) -> Any:

@@ -8,10 +8,16 @@
 
 Differences from DTM v1.19.0 (deliberate): resubmitting a ``submitted`` transaction runs one more
 pass over the stored state (DTM re-runs branches rebuilt from the request, re-calling succeeded
-saga actions and marking tcc/xa succeed without confirm); workflow, gRPC, JSON-RPC and ``topic://``
-steps are not supported (clear 500 errors); a saga pass waits for every branch call it sent (bounded
-by the request timeout) instead of leaving after ``RequestTimeout+2`` s; saga/msg ``custom_data`` is
-checked at submit (DTM stores it and fails later); ``resetNextCronTime`` works (boltdb ignores it).
+saga actions and marking tcc/xa succeed without confirm); JSON-RPC and ``topic://``
+steps are not supported (clear 500 errors); gRPC (the ``grpc`` extra, ``DtmTestServer(grpc_port=0)``)
+has no PrepareWorkflow or topics, and its branch calls go out with grpcio's ``application/grpc``
+content type (DTM's raw codec says ``application/grpc+dtm_raw``; the bytes are the same); a saga pass
+waits for every branch call it sent (bounded by the request timeout) instead of leaving after
+``RequestTimeout+2`` s; workflow registerBranch stores progress only with a non-empty ``sync``
+or ``DtmTestServer(update_branch_sync=True)`` (a default DTM on boltdb stores nothing), and values longer
+than DTM's SQL columns (1,024 characters, 64 KiB ``bin_data``) are refused as the SQL stores refuse them;
+saga/msg ``custom_data`` is checked at submit (DTM stores it and fails
+later); ``resetNextCronTime`` works (boltdb ignores it).
 
 Limits (it answers or closes every request promptly): a request body is at most 8 MiB
 (``Content-Length`` or the sum of the chunks; more is answered 413), a malformed ``Content-Length`` or

@@ -21,6 +21,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dtmcli.tes
     parser.add_argument("--timeout-to-fail", type=int, default=35)
     parser.add_argument("--request-timeout", type=int, default=3)
     parser.add_argument("--cron-interval", type=float, default=0.5, help="seconds between cron polls")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="also serve DTM's gRPC API on this port (DTM uses 36790; needs the grpc extra)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,9 +38,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dtmcli.tes
         timeout_to_fail=args.timeout_to_fail,
         request_timeout=args.request_timeout,
         cron_interval=args.cron_interval,
+        grpc_port=args.grpc_port,
     )
     with server:
         logging.getLogger("dtmcli.testing").info("serving DTM API at %s (Ctrl-C to stop)", server.url)
+        if args.grpc_port is not None:
+            logging.getLogger("dtmcli.testing").info("serving DTM's gRPC API at %s", server.grpc_target)
         stop.wait()
     return 0
 

@@ -39,7 +39,7 @@ def query_json(s: Scheduler, gid: str) -> dict[str, Any]:
         rec = s.store.get(gid)
         if rec is None:
             return {"transaction": None, "branches": []}
-        return {"transaction": trans_json(rec), "branches": [branch_json(b) for b in rec.branches]}
+        return {"transaction": trans_json(rec), "branches": [branch_json(b, rec.protocol) for b in rec.branches]}
 
 
 def query(s: Scheduler, params: Mapping[str, str], body: bytes) -> ApiResult:

@@ -26,6 +26,7 @@ from .._consts import (
     WORKFLOW,
     XA,
 )
+from ._branch_client import GRPC, bin_text, is_grpc_url
 from ._rules import (
     OK,
     SUPPORTED,
@@ -42,27 +43,39 @@ from ._rules import (
 from ._scheduler import Scheduler
 from ._store import BranchRecord, TransRecord
 from ._wire import decode_string_map, decode_trans
+from ._workflow import register_workflow, submit_workflow
 
 __all__ = ["abort", "prepare", "register", "submit"]
 
 logger = logging.getLogger("dtmcli.testing")
 
 
-def _new_record(s: Scheduler, t: dict[str, Any], status: str) -> TransRecord:
-    """A checked record (with its branch rows) for a decoded prepare/submit body."""
+def _url_ok(url: str, protocol: str) -> bool:
+    """An http(s) URL, or a gRPC one in a ``grpc`` transaction (DTM calls http(s) URLs over HTTP in both)."""
+    return is_http(url) or (protocol == GRPC and is_grpc_url(url))
+
+
+def _new_record(s: Scheduler, t: dict[str, Any], status: str, binary: bool = False) -> TransRecord:
+    """A checked record (with its branch rows) for a decoded prepare/submit body.
+
+    ``binary``: the payloads are raw bytes as latin-1 text already (the gRPC API's ``BinPayloads``).
+    """
     gid = escape_gid(t["gid"])
     trans_type = t["trans_type"]
     if not gid:
         raise error("gid cannot be empty")
     if trans_type == WORKFLOW:
-        raise error("workflow transactions are not supported by the dtmcli test coordinator")
+        raise error("a workflow starts with prepareWorkflow (the dtmcli test coordinator refuses it here)")
     if trans_type not in SUPPORTED:
         raise error(f"unknown trans type: {trans_type}")
-    if t["protocol"] not in ("", "http"):
-        raise error(f"protocol {t['protocol']!r} is not supported by the dtmcli test coordinator (http only)")
+    protocol = t["protocol"] or "http"
+    if protocol not in ("http", GRPC):
+        raise error(f"protocol {protocol!r} is not supported by the dtmcli test coordinator (http and grpc only)")
     steps: list[dict[str, str]] = t["steps"]
     payloads: list[str] = list(t["payloads"])
     payloads.extend(st["data"] for st in steps if "data" in st)
+    if protocol == GRPC and not binary:  # text from the HTTP API: its UTF-8 bytes
+        payloads = [bin_text(p.encode()) for p in payloads]
     if len(payloads) < len(steps):
         raise error(f"{len(steps)} steps but {len(payloads)} payloads")
     for step in steps:
@@ -70,10 +83,10 @@ def _new_record(s: Scheduler, t: dict[str, Any], status: str) -> TransRecord:
             url = step.get(key, "")
             if url.startswith("topic://"):
                 raise error(f"{url}: topics are not supported by the dtmcli test coordinator; use a URL")
-            if url and not is_http(url):
-                raise error(f"bad url for http: {url}")
-    if t["query_prepared"] and not is_http(t["query_prepared"]):
-        raise error(f"bad url for http: {t['query_prepared']}")
+            if url and not _url_ok(url, protocol):
+                raise error(f"bad url for {protocol}: {url}")
+    if t["query_prepared"] and not _url_ok(t["query_prepared"], protocol):
+        raise error(f"bad url for {protocol}: {t['query_prepared']}")
     if trans_type == SAGA:
         parse_saga_custom(t["custom_data"], len(steps))
     elif trans_type == MSG:
@@ -89,7 +102,7 @@ def _new_record(s: Scheduler, t: dict[str, Any], status: str) -> TransRecord:
         payloads=payloads[: len(steps)] if steps else payloads,
         custom_data=t["custom_data"],
         query_prepared=t["query_prepared"],
-        protocol=t["protocol"] or "http",
+        protocol=protocol,
         options=opts,
         create_time=now,
         update_time=now,
@@ -106,10 +119,10 @@ def _new_record(s: Scheduler, t: dict[str, Any], status: str) -> TransRecord:
     return rec
 
 
-def prepare(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
+def prepare(s: Scheduler, query: Mapping[str, str], body: bytes, binary: bool = False) -> ApiResult:
     """``/prepare``: store a prepared msg/tcc/xa (again: fine while it is still prepared)."""
     t = decode_trans(body)
-    rec = _new_record(s, t, PREPARED)
+    rec = _new_record(s, t, PREPARED, binary)
     with s.lock:
         if s.add(rec):
             logger.info("prepared %s %s", rec.trans_type, rec.gid)
@@ -121,10 +134,12 @@ def prepare(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
     return OK
 
 
-def submit(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
-    """``/submit``: store (or move a prepared one to) submitted, then run a pass."""
+def submit(s: Scheduler, query: Mapping[str, str], body: bytes, binary: bool = False) -> ApiResult:
+    """``/submit``: store (or move a prepared one to) submitted, then run a pass; a workflow's final status."""
     t = decode_trans(body)
-    rec = _new_record(s, t, SUBMITTED)
+    if t["trans_type"] == WORKFLOW:
+        return submit_workflow(s, t)
+    rec = _new_record(s, t, SUBMITTED, binary)
     opts = rec.options
     with s.lock:
         if not s.add(rec):
@@ -170,8 +185,11 @@ def abort(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
     return s.run(gid, opts, opts.wait_result)
 
 
-def register(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
-    """``/registerBranch`` (and the tcc/xa aliases): add a branch's phase-2 rows to a prepared trans."""
+def register(s: Scheduler, query: Mapping[str, str], body: bytes, binary: bool = False) -> ApiResult:
+    """``/registerBranch`` (and the tcc/xa aliases): add a branch's phase-2 rows to a prepared trans.
+
+    ``binary``: ``data`` is raw bytes as latin-1 text already (the gRPC API's ``BusiPayload``).
+    """
     data = decode_string_map(body)
     gid, branch_id, trans_type = data.get("gid", ""), data.get("branch_id", ""), data.get("trans_type", "")
     if trans_type == TCC:
@@ -180,16 +198,21 @@ def register(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
     elif trans_type == XA:
         rows = [(OP_ROLLBACK, data.get("url", ""), ""), (OP_COMMIT, data.get("url", ""), "")]
     elif trans_type == WORKFLOW:
-        raise error("workflow transactions are not supported by the dtmcli test coordinator")
+        return register_workflow(s, data)
     else:
         raise error(f"unknow trans type: {trans_type}")
     for _, url, _ in rows:
-        if url and not is_http(url):
+        if url and not _url_ok(url, GRPC):
             raise error(f"bad url for http: {url}")
     with s.lock:
         rec = s.store.get(gid)
         if rec is None or rec.status != PREPARED:
             raise failure(f"no trans with gid: {gid} status: prepared found FAILURE")
+        for _, url, _ in rows:
+            if url and not _url_ok(url, rec.protocol):
+                raise error(f"bad url for {rec.protocol}: {url}")
+        if rec.protocol == GRPC and not binary:
+            rows = [(op, url, bin_text(payload.encode())) for op, url, payload in rows]
         taken = {(b.branch_id, b.op) for b in rec.branches}
         if any((branch_id, op) in taken for op, _, _ in rows):
             raise error("storage: UniqueKeyConflict")

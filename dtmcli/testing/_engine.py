@@ -1,4 +1,4 @@
-"""The coordinator's state machine: DTM's API rules and its processing of saga, tcc, xa and msg.
+"""The coordinator's state machine: DTM's API rules and its processing of saga, tcc, xa, msg and workflow.
 
 No sockets here: branch calls go through an injected :class:`BranchCaller` and time comes from an
 injected :class:`Clock`, so the same engine runs under a manual clock in tests and in real time.
@@ -6,7 +6,7 @@ Behaviour follows docs/protocol.md §2-§6; deliberate differences are listed in
 
 The parts: ``_api`` / ``_admin`` (the HTTP API's handlers), ``_scheduler`` (locks, due times, the
 cron tick), ``_pass`` (branch calls and status writes), one processor per transaction type
-(``_saga``, ``_msg``, ``_tcc_xa``) and ``_rules`` (errors, settings, field checks shared by all).
+(``_saga``, ``_msg``, ``_tcc_xa``, ``_workflow``) and ``_rules`` (errors, settings, field checks shared by all).
 This module wires them together and routes requests.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import shortuuid
 
-from .._consts import MSG, RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, SAGA, SUBMITTED, SUCCEED
+from .._consts import MSG, RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, SAGA, SUBMITTED, SUCCEED, WORKFLOW
 from . import _admin, _api
 from ._branch_client import BranchCaller
 from ._clock import Clock
@@ -29,6 +29,7 @@ from ._scheduler import Scheduler
 from ._store import MemoryStore, Options, TransRecord
 from ._tcc_xa import process_tcc_xa
 from ._wire import BadInput
+from ._workflow import prepare_workflow, process_workflow
 
 __all__ = ["Engine", "EngineConfig", "ApiResult", "VERSION"]
 
@@ -44,6 +45,7 @@ _ROUTES: dict[str, _Route] = {
     "registerBranch": _api.register,
     "registerTccBranch": _api.register,
     "registerXaBranch": _api.register,
+    "prepareWorkflow": prepare_workflow,
     "query": _admin.query,
     "all": _admin.all_trans,
     "forceStop": _admin.force_stop,
@@ -51,7 +53,7 @@ _ROUTES: dict[str, _Route] = {
     "resetCronTime": _admin.reset_cron_time,
     "version": lambda s, q, b: (200, {"version": VERSION}),
 }
-_UNSUPPORTED = ("prepareWorkflow", "subscribe", "unsubscribe", "scanKV", "queryKV")
+_UNSUPPORTED = ("subscribe", "unsubscribe", "scanKV", "queryKV")
 
 
 class Engine:
@@ -63,12 +65,15 @@ class Engine:
         clock: Clock,
         caller: BranchCaller,
         config: Optional[EngineConfig] = None,
+        *,
+        update_branch_sync: bool = False,
     ) -> None:
         self.store = store
         self.clock = clock
         self.caller = caller
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(store, clock, self.config, self._process)
+        self.scheduler.update_branch_sync = update_branch_sync
         self.runner = Runner(self.scheduler, caller, self.config)
 
     def close(self) -> None:
@@ -121,6 +126,8 @@ class Engine:
                 err = process_saga(self.runner, p)
             elif rec.trans_type == MSG:
                 err = process_msg(self.runner, p)
+            elif rec.trans_type == WORKFLOW:
+                err = process_workflow(self.runner, p)
             else:
                 err = process_tcc_xa(self.runner, p)
         except Conflict:

@@ -25,7 +25,7 @@ from .._consts import (
     XA,
 )
 from .._protocol import branch_result, go_trim, with_failure
-from ._branch_client import BranchCaller
+from ._branch_client import BranchCaller, payload_bytes
 from ._rules import EngineConfig
 from ._scheduler import Scheduler
 from ._store import BranchRecord, Options, TransRecord
@@ -119,7 +119,8 @@ class Runner:
         timeout = p.opts.request_timeout or self.config.request_timeout
         if not 0 < timeout <= MAX_REQUEST_TIMEOUT:  # DTM: negative means none; sockets refuse huge ones
             timeout = MAX_REQUEST_TIMEOUT
-        ans = self.caller.call(method, url, query, data.encode() if data else None, headers, timeout)
+        body = payload_bytes(data, rec.protocol) if data else None
+        ans = self.caller.call(method, url, query, body, headers, timeout)
         logger.info("%s %s %s %s/%s -> %s", rec.gid, method, url, branch_id, op, ans.status or ans.text)
         if ans.status == 0:
             return None, ans.text

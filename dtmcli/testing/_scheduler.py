@@ -39,6 +39,8 @@ class Scheduler:
         self.active = {r.gid for r in store.records() if r.status in ACTIVE}
         self._passes = ThreadPoolExecutor(config.workers, thread_name_prefix="dtm-pass")
         self._closed = False
+        self.update_branch_sync = False
+        """DTM's ``UpdateBranchSync``: store workflow progress rows even without ``sync`` in the body."""
 
     def close(self) -> None:
         """Stop accepting passes and wait for running ones."""

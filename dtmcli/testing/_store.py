@@ -85,6 +85,8 @@ class TransRecord:
     next_cron_time: float = 0.0
     retry_count: int = 0
     seq: int = 0
+    submit_built: bool = False
+    """workflow: the row is the object built from the submit body (boltdb), so /query omits what it lacked."""
     branches: list[BranchRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

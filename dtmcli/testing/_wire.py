@@ -8,6 +8,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from ._branch_client import GRPC, payload_bytes
 from ._store import BranchRecord, TransRecord
 
 __all__ = [
@@ -228,17 +229,18 @@ def fmt_time(when: Optional[float]) -> Optional[str]:
     return datetime.fromtimestamp(ts).astimezone().isoformat()
 
 
-def branch_json(b: BranchRecord) -> dict[str, Any]:
+def branch_json(b: BranchRecord, protocol: str = "http") -> dict[str, Any]:
     """One element of /query's ``branches`` (boltdb shape: ``id`` 0, ``bin_data`` base64 when non-empty)."""
     out: dict[str, Any] = {
         "id": 0,
         "create_time": fmt_time(b.create_time),
         "update_time": fmt_time(b.update_time),
         "gid": b.gid,
-        "url": b.url,
     }
+    if b.url:  # omitempty, as DTM: workflow progress rows have none
+        out["url"] = b.url
     if b.data:
-        out["bin_data"] = base64.b64encode(b.data.encode()).decode()
+        out["bin_data"] = base64.b64encode(payload_bytes(b.data, protocol)).decode()
     out.update(branch_id=b.branch_id, op=b.op, status=b.status)
     if b.finish_time is not None:
         out["finish_time"] = fmt_time(b.finish_time)
@@ -258,7 +260,7 @@ def trans_json(t: TransRecord) -> dict[str, Any]:
     }
     if t.steps:
         out["steps"] = [dict(s) for s in t.steps]
-    if t.payloads:
+    if t.payloads and t.protocol != GRPC:  # DTM keeps gRPC's BinPayloads out of its JSON
         out["payloads"] = list(t.payloads)
     out["status"] = t.status
     if t.query_prepared:
@@ -286,4 +288,8 @@ def trans_json(t: TransRecord) -> dict[str, Any]:
     if t.retry_count:
         out["retry_count"] = t.retry_count
     out["concurrent"] = o.concurrent
+    if t.submit_built:  # a workflow after submit: boltdb stores the object built from the submit body
+        for key in ("custom_data", "query_prepared", "options", "next_cron_interval", "next_cron_time"):
+            out.pop(key, None)
+        out["create_time"] = None
     return out

@@ -18,13 +18,22 @@ __all__ = ["DtmFacade"]
 
 
 class DtmFacade:
-    """``url``, ``query``, ``wait_status``, ``advance`` and ``is_real`` for end-to-end tests."""
+    """``url``, ``query``, ``wait_status``, ``advance`` and ``is_real`` for end-to-end tests.
 
-    def __init__(self, *, server: Optional[DtmTestServer] = None, url: Optional[str] = None) -> None:
+    ``grpc_target`` is the ``host:port`` of the coordinator's gRPC API (``None`` when it serves none):
+    the in-process server's when started with ``grpc_port``, else the one given for a real server.
+    """
+
+    def __init__(
+        self, *, server: Optional[DtmTestServer] = None, url: Optional[str] = None, grpc_target: Optional[str] = None
+    ) -> None:
         if (server is None) == (url is None):
             raise ValueError("give either an in-process server or the URL of a real DTM server")
         self.server = server
         self.url: str = server.url if server is not None else str(url).rstrip("/")
+        if grpc_target is None and server is not None and server.serves_grpc:
+            grpc_target = server.grpc_target
+        self.grpc_target: Optional[str] = grpc_target
         self.client = DtmClient(self.url)
 
     @property

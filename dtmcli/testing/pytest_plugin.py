@@ -10,6 +10,9 @@ Fixtures:
 - ``dtm_server``: a started :class:`DtmTestServer` with the manual clock (function scope).
 - ``dtm``: a :class:`DtmFacade` for end-to-end tests, backed by the in-process coordinator, or by
   the real server given with ``--dtm-server`` / ``DTM_SERVER``.
+- ``dtm_grpc``: the same, serving DTM's gRPC API too (``dtm_grpc.grpc_target``; the ``grpc`` extra):
+  in process, or the real server's ``--dtm-grpc-server host:port`` / ``DTM_GRPC_SERVER`` (with
+  ``--dtm-server`` for its HTTP API, which queries need).
 - ``branch_service``: a started :class:`BranchService` for scripted branch answers.
 """
 
@@ -25,6 +28,7 @@ from .facade import DtmFacade
 from .server import DtmTestServer
 
 _DEST = "dtmcli_dtm_server"  # our own dest, so a project's --dtm-server is never read by mistake
+_GRPC_DEST = "dtmcli_dtm_grpc_server"
 
 
 def _add_dtm_server_option(parser: pytest.Parser) -> None:
@@ -37,6 +41,15 @@ def _add_dtm_server_option(parser: pytest.Parser) -> None:
             help="run end-to-end tests against this real DTM server (e.g. http://localhost:36789/api/dtmsvr)",
         )
     except ValueError:  # "option names {'--dtm-server'} already added": the project's own option wins
+        pass
+    try:
+        parser.addoption(
+            "--dtm-grpc-server",
+            dest=_GRPC_DEST,
+            default="",
+            help="the real DTM server's gRPC API (host:port, e.g. localhost:36790) for the dtm_grpc fixture",
+        )
+    except ValueError:
         pass
 
 
@@ -76,6 +89,28 @@ def dtm(request: pytest.FixtureRequest) -> Iterator[DtmFacade]:
             facade.close()
         return
     with DtmTestServer() as server:
+        facade = DtmFacade(server=server)
+        try:
+            yield facade
+        finally:
+            facade.close()
+
+
+@pytest.fixture
+def dtm_grpc(request: pytest.FixtureRequest) -> Iterator[DtmFacade]:
+    """A coordinator serving DTM's gRPC API too: the real ``--dtm-grpc-server`` when given, else in process."""
+    target = str(request.config.getoption(_GRPC_DEST, default="") or os.environ.get("DTM_GRPC_SERVER", ""))
+    if target:
+        url = _server_url(request.config)
+        if not url:
+            raise pytest.UsageError("--dtm-grpc-server needs --dtm-server (the same DTM's HTTP API) as well")
+        facade = DtmFacade(url=url, grpc_target=target)
+        try:
+            yield facade
+        finally:
+            facade.close()
+        return
+    with DtmTestServer(grpc_port=0) as server:
         facade = DtmFacade(server=server)
         try:
             yield facade

@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from .._models import Transaction
-from ._branch_client import BranchCaller, HttpBranchCaller
+from ._branch_client import BranchCaller
 from ._clock import Clock, ManualClock, RealClock
+from ._dispatch import DispatchingBranchCaller
 from ._engine import Engine, EngineConfig
 from ._http import make_server
 from ._httpserver import Server
 from ._store import MemoryStore, SqliteStore
+
+if TYPE_CHECKING:
+    from ._grpc import GrpcApi
 
 __all__ = ["DtmTestServer"]
 
@@ -38,7 +42,10 @@ class DtmTestServer:
     ``clock``: ``"manual"`` (default; move it with :meth:`advance`), ``"real"`` (a cron thread polls
     every ``cron_interval`` seconds) or a :class:`Clock`. ``sqlite_path`` keeps state in a SQLite
     file so a restart resumes unfinished transactions. ``retry_interval``, ``timeout_to_fail`` and
-    ``request_timeout`` are the server defaults (DTM's 10, 35 and 3 seconds).
+    ``request_timeout`` are the server defaults (DTM's 10, 35 and 3 seconds). ``update_branch_sync``
+    is DTM's ``UpdateBranchSync``: workflow progress is stored even when registerBranch has no ``sync``.
+    ``grpc_port`` (``0`` for any free port; needs the ``grpc`` extra) also serves DTM's gRPC API
+    (``dtmgimp.Dtm``) at :attr:`grpc_target`; gRPC branch URLs are called whether or not it is on.
     """
 
     def __init__(
@@ -55,6 +62,8 @@ class DtmTestServer:
         max_passes_per_tick: int = 100,
         workers: int = 16,
         caller: Optional[BranchCaller] = None,
+        update_branch_sync: bool = False,
+        grpc_port: Optional[int] = None,
     ) -> None:
         if isinstance(clock, str):
             if clock not in ("manual", "real"):
@@ -63,12 +72,14 @@ class DtmTestServer:
         else:
             self.clock = clock
         self.store = SqliteStore(sqlite_path) if sqlite_path else MemoryStore()
-        self.caller = caller if caller is not None else HttpBranchCaller()
+        self.caller = caller if caller is not None else DispatchingBranchCaller()
         config = EngineConfig(retry_interval, timeout_to_fail, request_timeout, max_passes_per_tick, workers)
-        self.engine = Engine(self.store, self.clock, self.caller, config)
+        self.engine = Engine(self.store, self.clock, self.caller, config, update_branch_sync=update_branch_sync)
         self.cron_interval = cron_interval
         self._host, self._port = host, port
         self._server: Optional[Server] = None
+        self._grpc_port = grpc_port
+        self._grpc: Optional[GrpcApi] = None  # imported only when asked for: grpcio is optional
         self._cron: Optional[threading.Thread] = None
         self._stop = threading.Event()
 
@@ -79,6 +90,16 @@ class DtmTestServer:
         if self._server is not None:
             return self
         self._server = make_server(self.engine, self._host, self._port)
+        if self._grpc_port is not None:
+            from ._grpc import GrpcApi
+
+            try:
+                self._grpc = GrpcApi(self.engine, self._host, self._grpc_port, self.engine.config.workers)
+            except BaseException:
+                self._server.server_close()
+                self._server = None
+                raise
+            self._grpc.start()
         self._server.start()
         if not isinstance(self.clock, ManualClock):
             self._cron = threading.Thread(target=self._cron_loop, name="dtm-cron", daemon=True)
@@ -92,6 +113,9 @@ class DtmTestServer:
         if self._cron is not None:
             self._cron.join()
             self._cron = None
+        if self._grpc is not None:
+            self._grpc.stop()
+            self._grpc = None
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -121,6 +145,18 @@ class DtmTestServer:
         if self._server is None:
             raise RuntimeError("DtmTestServer is not started")
         return self._server.port
+
+    @property
+    def serves_grpc(self) -> bool:
+        """Whether DTM's gRPC API is being served (started with ``grpc_port``)."""
+        return self._grpc is not None
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC API's address ``host:port`` (for ``DtmGrpcClient``); needs ``grpc_port``."""
+        if self._grpc is None:
+            raise RuntimeError("DtmTestServer serves no gRPC API: start it with grpc_port=0 (or a port)")
+        return f"{self._host}:{self._grpc.port}"
 
     @property
     def base_url(self) -> str:
