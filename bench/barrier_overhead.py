@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--ops", default="action", help="action, and/or compensate (SQL backends)")
     args = ap.parse_args()
     table = connectors()
-    print(f"barrier overhead, {args.seconds:.0f} s per variant in {args.slice} s slices, ops/s (median slice). "
+    print(f"barrier overhead, {args.seconds:g} s per variant in {args.slice} s slices, ops/s (median slice). "
           "'extra' = bare plus")
     print("the statement the barrier adds (SQL: one INSERT into a uniquely keyed table; Redis: one more round trip).")
     print("Ratios are cost multiples, medians of the per-round ratios.")

@@ -292,7 +292,8 @@ def _check_mysql(adapter: Any, table: str) -> Flow[list[Finding]]:
                         "create it with dtmcli.barrier.create_schema(conn, table=...) or "
                         "`python -m dtmcli.sql ddl mysql`")]
     flavour = MARIADB if "mariadb" in _text(rows[0][4]).lower() else MYSQL
-    _row_id_tables[tuple(adapter.target()) + (table,)] = bool(rows[0][6])
+    key = (*adapter.target(), table)
+    _row_id_tables[key] = bool(rows[0][6])
     findings = _key_findings(table, flavour, {_text(r[0]) for r in rows}, bool(rows[0][5]))
     problems: dict[str, list[str]] = {}
     for column, data_type, charset, collation, _version, _unique, _id in rows:
@@ -618,12 +619,19 @@ class SqlStoreBase:
         """MySQL: re-read the op's row before COMMIT (MariaDB: within the COMMIT's statement). InnoDB
         answers a deadlock (and a lock wait timeout under innodb_rollback_on_timeout) by rolling back the
         whole transaction, barrier rows included; business code that catches the error goes on in a new
-        transaction. PostgreSQL aborts instead (refused before COMMIT without a round trip)."""
+        transaction (never in autocommit: the barrier turns autocommit off for the call). PostgreSQL aborts
+        instead: every later statement fails until the ROLLBACK, and the aborted transaction is refused
+        before COMMIT without a round trip."""
         return bool(self.adapter.dialect == MYSQL)
 
     def require_row_flow(self, gid: str, branch_id: str, op: str, barrier_id: str) -> Flow[None]:
         """Raise :func:`~dtmcli._barrier.sql_conn.rolled_back_error` unless the barrier row is still there.
 
+        The row is the one this call's INSERT created, by its id (``returning id, op`` on MariaDB >= 10.5,
+        else the INSERT's ``lastrowid``, both read from the INSERT's own answer) and key: after a rollback
+        under the business code, a concurrent duplicate delivery of the same op may have inserted a row with
+        the same key meanwhile, and that row must not pass for ours. A table without an auto-increment ``id``
+        column (or before the once-per-table check has told) is checked by key alone: weaker, as before.
         On MariaDB over a plain driver connection the check is deferred into the commit
         (:meth:`commit_flow`): the same read, in the same transaction, sent with the COMMIT.
         """

@@ -134,7 +134,9 @@ def test_cancelled_while_an_insert_waits_for_a_lock(cdriver: str) -> None:
 
             task = asyncio.ensure_future(call())
             await started.wait()
-            await asyncio.sleep(0.3)  # the origin-op row is inserted, the compensate row waits on the lock
+            # The INSERT of both rows waits on the lock of the compensate row (one statement where the server
+            # has INSERT ... RETURNING or ON CONFLICT ... RETURNING; else the origin-op row is inserted first)
+            await asyncio.sleep(0.3)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

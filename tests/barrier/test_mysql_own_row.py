@@ -266,6 +266,8 @@ def test_mysql_connector_autocommit_and_no_deprecated_call(mysql_ready: None, us
     gets autocommit off for the call and back after. The C extension tells the mode from the server status;
     the pure-Python connection cannot without a query, so the mode is saved in a user variable."""
     connector = pytest.importorskip("mysql.connector")
+    if not use_pure and not getattr(connector, "HAVE_CEXT", False):
+        pytest.skip("mysql-connector's C extension is not available")
     conn = connector.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"],
                              password=MYSQL["password"], database=MYSQL["database"], autocommit=autocommit,
                              charset="utf8mb4", use_pure=use_pure)
