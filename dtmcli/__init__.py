@@ -27,6 +27,9 @@ from .errors import (
     DtmServerError,
     DtmTimeout,
     DtmTransportError,
+    StepFailure,
+    WorkflowConflict,
+    WorkflowPhase2Error,
 )
 from .msg import Msg
 from .saga import Saga
@@ -49,6 +52,9 @@ __all__ = [
     "DtmClient",
     "DtmConnectError",
     "DtmConnectTimeout",
+    "StepFailure",
+    "WorkflowConflict",
+    "WorkflowPhase2Error",
     "DtmDuplicated",
     "DtmError",
     "DtmFailure",

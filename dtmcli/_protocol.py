@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -265,3 +266,12 @@ def client_branch_query(
     if phase2_url is not None:
         query["phase2_url"] = phase2_url
     return query
+
+
+_URL_TOKEN = re.compile(r"([?&]token=)[^&#\s]*")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message holding one) with the value of every ``token`` query parameter (the
+    workflow resume token) replaced by ``***``: what the SDK's log lines show."""
+    return _URL_TOKEN.sub(r"\1***", text)

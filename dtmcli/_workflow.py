@@ -47,7 +47,16 @@ from ._protocol import Response, dumps, encode_custom_data, parse_json_object, w
 from ._trans import clip_reason
 from ._validate import check_gid, check_http_url
 from .client import ClientBase
-from .errors import DtmError, DtmFailure, DtmInvalidInput, DtmOngoing, DtmServerError
+from .errors import (
+    DtmError,
+    DtmFailure,
+    DtmInvalidInput,
+    DtmOngoing,
+    DtmServerError,
+    StepFailure,
+    WorkflowConflict,
+    WorkflowPhase2Error,
+)
 
 __all__ = [
     "OP_BUSINESS",
@@ -87,50 +96,6 @@ _RUNNING_LOCK = threading.Lock()
 
 W = TypeVar("W", bound="WorkflowCore")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class StepFailure(DtmFailure):
-    """A FAILURE raised by a :meth:`do` step that records ``data`` rather than the message.
-
-    ``raise StepFailure("out of stock", data=b"stock check said no")`` records the step as failed
-    with ``data`` (what Go's ``Do`` records when it returns data with a FAILURE error). A plain
-    :class:`~dtmcli.DtmFailure` records its message. Either way the step then raises a plain
-    DtmFailure whose message is the recorded text plus `` FAILURE`` (chained ``from`` this error),
-    exactly what a replay of the step raises: only the type DtmFailure and the recorded data survive
-    a resume, so the workflow function must not branch on a subclass or on anything else.
-    """
-
-    def __init__(self, message: str, *, data: bytes = b"", gid: Optional[str] = None) -> None:
-        super().__init__(message, gid=gid)
-        self.data = bytes(data)
-
-
-class WorkflowPhase2Error(DtmError):
-    """Phase 2 cannot go on: an ``on_commit`` / ``on_rollback`` callback raised FAILURE, or the
-    recorded progress holds callbacks of the other phase (the workflow function took another path
-    than the recorded run: it must be deterministic apart from its recorded steps).
-
-    Phase 2 only runs callbacks that must eventually succeed (Go's client panics here). Nothing is
-    recorded for the callback and nothing is submitted: the workflow stays prepared and DTM resumes
-    it later, running the callback again. The callback's DtmFailure is the ``__cause__``.
-    """
-
-
-class WorkflowConflict(DtmError):
-    """Another execution finished the gid with the other outcome after this one ran phase-2 callbacks.
-
-    For example this execution ran ``on_rollback`` callbacks (it compensated) while DTM holds the gid
-    as succeed. Neither outcome can be reported as the truth: this error names both (:attr:`status`,
-    DTM's final status; :attr:`phase`, this execution's ``commit``/``rollback``; :attr:`callbacks`,
-    the branches whose callbacks this execution ran) and is logged at ERROR. It needs a human: the
-    workflow function was not deterministic, or two executions raced (set ``retry_interval`` above
-    the longest run).
-    """
-
-    def __init__(self, message: str, *, status: str, phase: str, callbacks: tuple[str, ...],
-                 gid: Optional[str] = None) -> None:
-        super().__init__(message, gid=gid)
-        self.status, self.phase, self.callbacks = status, phase, callbacks
 
 
 @dataclass(frozen=True)
@@ -501,7 +466,10 @@ class WorkflowCore:
         return branch
 
     def on_rollback(self: W, fn: Callable[[Any], Any]) -> W:
-        """Register the compensation of the current branch: ``fn(bb)`` runs if the workflow fails."""
+        """Register the compensation of the current branch: ``fn(bb)`` runs if the workflow fails.
+
+        Refused on a ``do_xa`` branch, as :meth:`on_commit` is.
+        """
         branch = self._no_xa("on_rollback()")
         if self._rollback_added:
             raise DtmInvalidInput(f"branch {branch} already has an on_rollback callback", gid=self._gid)
@@ -511,7 +479,11 @@ class WorkflowCore:
         return self
 
     def on_commit(self: W, fn: Callable[[Any], Any]) -> W:
-        """Register the phase-2 commit of the current branch: ``fn(bb)`` runs if the workflow succeeds."""
+        """Register the phase-2 commit of the current branch: ``fn(bb)`` runs if the workflow succeeds.
+
+        Refused (DtmInvalidInput) on a ``do_xa`` branch; after ``do_xa`` that is only once its XA is
+        prepared and recorded, which then keeps its locks until fixed code resumes the workflow.
+        """
         branch = self._no_xa("on_commit()")
         if self._commit_added:
             raise DtmInvalidInput(f"branch {branch} already has an on_commit callback", gid=self._gid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -17,7 +16,7 @@ from ._consts import DEFAULT_DTM
 from ._dtm_servers import env_urls
 from ._flow import Effect, Flow, Request, Sleep, run
 from ._models import Transaction, TransactionPage
-from ._protocol import Response, dtm_error, dumps, parse_json_object
+from ._protocol import Response, dtm_error, dumps, parse_json_object, redact_url
 from ._retry import NO_RETRY, Retry
 from ._transport import MAX_TIMEOUT, Transport, check_timeout, default_transport
 from ._validate import check_http_url, check_non_negative_int, check_received_gid
@@ -47,14 +46,6 @@ class _TransportTimeout:
 
 
 _TRANSPORT_TIMEOUT: Any = _TransportTimeout()
-
-
-_URL_TOKEN = re.compile(r"([?&]token=)[^&#]*")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the value of a ``token`` query parameter (the workflow resume token) hidden, for logs."""
-    return _URL_TOKEN.sub(r"\1***", url)
 
 
 def _redact(body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -7,16 +7,20 @@ Every error the SDK raises derives from :class:`DtmError`::
     │   ├── BranchRequestError   a request is not a valid DTM branch call (answered 400)
     │   └── DtmAttributeError    assignment to an attribute a transaction does not have (also an AttributeError)
     ├── DtmFailure           409 / FAILURE: the transaction or branch failed, roll back
+    │   └── StepFailure      a workflow step's FAILURE that records its own data
     ├── DtmOngoing           425 / ONGOING: not finished yet, retry later
     │   ├── DtmInProgress    a wait_result submit came back before the transaction finished
     │   └── BarrierConflict  lock wait / deadlock on the barrier rows (DTM retries)
     ├── DtmDuplicated        a barrier found this msg local transaction already done
     ├── DtmTransportError    the request may not have reached DTM or a branch (connection, timeout)
     │   ├── DtmConnectError  no connection could be made: nothing was sent
-    │   └── DtmTimeout
+    │   ├── DtmTimeout
+    │   └── DtmConnectTimeout   (both of the above) the connection could not be made in time
     ├── DtmServerError       DTM or a branch answered an unexpected status or body (from DTM: also a
     │                        200 that is not a JSON object, e.g. a proxy's HTML page)
-    └── BarrierDatabaseError the database failed during a barrier call (driver error is the cause)
+    ├── BarrierDatabaseError the database failed during a barrier call (driver error is the cause)
+    ├── WorkflowPhase2Error  a workflow's phase 2 cannot go on (a callback raised FAILURE, or another path)
+    └── WorkflowConflict     another execution finished the workflow with the other outcome
 
 Errors carry the ``gid`` (and ``branch_id`` / ``op`` where known) of the transaction they concern.
 """
@@ -36,10 +40,14 @@ __all__ = [
     "DtmTransportError",
     "DtmTimeout",
     "DtmConnectError",
+    "DtmConnectTimeout",
     "DtmServerError",
     "BranchRequestError",
     "BarrierConflict",
     "BarrierDatabaseError",
+    "StepFailure",
+    "WorkflowPhase2Error",
+    "WorkflowConflict",
 ]
 
 
@@ -161,3 +169,47 @@ class BarrierDatabaseError(DtmError):
     the outcome is unknown; either way DTM retries the branch and the barrier keeps it idempotent.
     The driver's exception is the ``__cause__``.
     """
+
+
+class StepFailure(DtmFailure):
+    """A FAILURE raised by a :meth:`do` step that records ``data`` rather than the message.
+
+    ``raise StepFailure("out of stock", data=b"stock check said no")`` records the step as failed
+    with ``data`` (what Go's ``Do`` records when it returns data with a FAILURE error). A plain
+    :class:`~dtmcli.DtmFailure` records its message. Either way the step then raises a plain
+    DtmFailure whose message is the recorded text plus `` FAILURE`` (chained ``from`` this error),
+    exactly what a replay of the step raises: only the type DtmFailure and the recorded data survive
+    a resume, so the workflow function must not branch on a subclass or on anything else.
+    """
+
+    def __init__(self, message: str, *, data: bytes = b"", gid: Optional[str] = None) -> None:
+        super().__init__(message, gid=gid)
+        self.data = bytes(data)
+
+
+class WorkflowPhase2Error(DtmError):
+    """Phase 2 cannot go on: an ``on_commit`` / ``on_rollback`` callback raised FAILURE, or the
+    recorded progress holds callbacks of the other phase (the workflow function took another path
+    than the recorded run: it must be deterministic apart from its recorded steps).
+
+    Phase 2 only runs callbacks that must eventually succeed (Go's client panics here). Nothing is
+    recorded for the callback and nothing is submitted: the workflow stays prepared and DTM resumes
+    it later, running the callback again. The callback's DtmFailure is the ``__cause__``.
+    """
+
+
+class WorkflowConflict(DtmError):
+    """Another execution finished the gid with the other outcome after this one ran phase-2 callbacks.
+
+    For example this execution ran ``on_rollback`` callbacks (it compensated) while DTM holds the gid
+    as succeed. Neither outcome can be reported as the truth: this error names both (:attr:`status`,
+    DTM's final status; :attr:`phase`, this execution's ``commit``/``rollback``; :attr:`callbacks`,
+    the branches whose callbacks this execution ran) and is logged at ERROR. It needs a human: the
+    workflow function was not deterministic, or two executions raced (set ``retry_interval`` above
+    the longest run).
+    """
+
+    def __init__(self, message: str, *, status: str, phase: str, callbacks: tuple[str, ...],
+                 gid: Optional[str] = None) -> None:
+        super().__init__(message, gid=gid)
+        self.status, self.phase, self.callbacks = status, phase, callbacks

@@ -23,25 +23,36 @@ What this asks of the code (as Go's client does):
 
 - **Deterministic apart from steps.** A resume runs the function again from the top; everything it
   decides must come from its input or from step results. Phase 2 refuses a run whose path contradicts
-  the recorded one (WorkflowPhase2Error, nothing submitted).
+  the recorded one (WorkflowPhase2Error, nothing submitted). Turning a step's unrecorded error (a
+  timeout, a 500) into DtmFailure (``except Exception: raise DtmFailure(...)``) is not deterministic:
+  on resume the step runs again and may succeed.
 - **Steps run at least once, not exactly once.** A step whose record is lost (the process dies, or
   ``registerBranch`` fails, between the step and its record) runs again on resume. DTM also resumes a
   workflow *while it still runs*: first ``retry_interval`` after prepareWorkflow (else the server's
   RetryInterval, 10 s by default; ``timeout_to_fail`` does not delay it), then every RetryInterval.
-  Within one process the second call gets DtmOngoing (the resume view answers 425) and nothing runs,
-  but another process runs the steps concurrently. So make steps idempotent (the branch barrier:
+  Within one process (whatever the registry, sync or asyncio) the second call gets DtmOngoing (the
+  resume view answers 425) and nothing runs, but another process runs the steps concurrently. When
+  DTM then refuses a record or the submit because that other execution finished the gid, this one
+  stops (a later step or callback raises without running, even if the function swallowed the first
+  error) and reports the stored outcome, or raises WorkflowConflict (logged as an error) when it had
+  already run phase-2 callbacks of the other outcome. So make steps idempotent (the branch barrier:
   ``bb`` in ``do``, and the ``gid``/``branch_id``/``op`` query every ``request`` carries) and set
   ``retry_interval`` above the longest run.
 - **Only DtmFailure and the recorded data survive a resume.** A failed step raises
   ``DtmFailure("<recorded text> FAILURE")`` fresh or replayed (your own exception is its
   ``__cause__`` only in the fresh run); HTTP steps are classified by status code (409 FAILURE, 425
-  ONGOING, 2xx success — Go accepts only 200; other answers are errors and are not recorded).
+  ONGOING, 2xx success — Go accepts only 200; other answers are errors and are not recorded). A
+  failure's data is a message: recorded as UTF-8 text, undecodable bytes replaced and clipped with
+  a marker to 65,535 bytes.
 - **Limits of DTM's SQL stores:** input (in ``custom_data``) and the workflow result 1,024 characters
   of base64/JSON, a step result 65,535 bytes; larger ones are refused with DtmInvalidInput.
 - **The resume URL must be reachable by DTM only:** whoever can call it can run registered workflows
   with any gid and input. A gid DTM holds unfinished only runs the workflow and input it was prepared
-  with (DtmInvalidInput otherwise). Put a secret in the callback URL's query and check it in the view
-  (``workflow_resume_view(token=...)``): DTM sends the URL's own query back unchanged.
+  with (DtmInvalidInput otherwise); so does a finished gid where DTM still shows the input (SQL
+  stores; boltdb/Redis keep only the type of a finished workflow). Put a secret in the callback
+  URL's query and check it in the view (``workflow_resume_view(token=...)``,
+  ``workflow_resume_endpoint(token=...)``): DTM sends the URL's own query back unchanged. dtmcli never
+  logs it, but whoever reads DTM's API (``/query``) or the access logs sees it.
 """
 
 from __future__ import annotations
@@ -136,7 +147,10 @@ class Workflow(WorkflowCore):
         connection factory (preferred: MariaDB binds a prepared XA to its session) or a connection,
         as :func:`dtmcli.barrier.xa_local_transaction` takes; phase 2 opens its own from a factory.
         A step interrupted between that record and its own is not resumable: it fails (FAILURE).
-        The branch can have no ``on_commit``/``on_rollback``/``on_finish`` (its phase 2 is the XA's).
+        The branch can have no ``on_commit``/``on_rollback``/``on_finish`` (its phase 2 is the XA's):
+        one registered before is refused at once; one registered after ``do_xa`` returns is refused
+        only then, with the XA prepared and recorded, so it keeps its locks (the workflow stays
+        prepared) until code without the mistake resumes the workflow and commits or rolls it back.
         """
         return _flow.run(self._do_xa_flow(conn, fn, table, dialect), self._client)
 
@@ -175,12 +189,14 @@ is_registered = registry.is_registered
 def execute(name: str, gid: str, data: bytes) -> bytes:
     """Run (or resume, or look up) the workflow ``name`` for ``gid`` with input ``data``; return its result.
 
-    A finished gid returns its stored result (or raises DtmFailure) without running any step. After
-    a rollback raises DtmFailure (the message is the rollback reason). Any other error propagates
+    A finished gid returns its stored result (or raises DtmFailure) without running any step, if DTM
+    shows it as this workflow with this input (DtmInvalidInput otherwise). After a rollback raises
+    DtmFailure (the message is the rollback reason). Any other error propagates
     and leaves the workflow prepared: DTM resumes it through the callback URL. Bad input (unknown
     name, non-bytes or too large input, bad gid, a gid prepared for another workflow or input)
     raises DtmInvalidInput before any step runs. A gid already running in this process raises
-    DtmOngoing at once; when another process finished the gid meanwhile, its outcome is returned.
+    DtmOngoing at once; when another process finished the gid meanwhile, its outcome is returned, or
+    WorkflowConflict raised when this execution ran phase-2 callbacks of the other outcome.
     """
     entry, client, callback = registry.lookup(name)
     wf = Workflow(entry, client, callback, gid, data)

@@ -31,11 +31,15 @@ from dtmcli import DtmClient, DtmFailure, local_gid, workflow
 from dtmcli.contrib.flask import workflow_resume_view
 
 NAME = "example_transfer"
-TIMEOUT_TO_FAIL = 1  # below DTM's RetryInterval (10 s), so DTM first resumes an unfinished workflow after 1 s
+# DTM first resumes an unfinished workflow RETRY_INTERVAL s after prepareWorkflow (then every 10 s). 1 s keeps
+# this demo quick; a real service sets it above its longest run, because DTM also resumes a workflow that is
+# still running (another process would run it concurrently).
+RETRY_INTERVAL = 1
+TIMEOUT_TO_FAIL = RETRY_INTERVAL  # the name tests/e2e/test_flavours_examples.py waits on
 _config = {"busi": "", "crash_after_out": False}
 
 
-@workflow.register(NAME, timeout_to_fail=TIMEOUT_TO_FAIL)
+@workflow.register(NAME, retry_interval=RETRY_INTERVAL)
 def transfer(wf: workflow.Workflow, data: bytes) -> bytes:
     """Move ``amount`` from ``from`` to ``to``: TransOut, then TransIn, each compensated if a later step fails."""
     req = json.loads(data)

@@ -16,8 +16,9 @@ Callbacks (``do``, ``on_commit``, ``on_rollback``, ``on_finish``) may be ``async
 functions; ``bb`` is a :class:`dtmcli.asyncio.BranchBarrier`. A step (``request``/``do``/``do_xa``)
 the function creates and never awaits is refused when the function returns (DtmInvalidInput, nothing
 committed or submitted); when the function raises DtmFailure such a step (which never ran) is dropped
-with a WARNING naming it, and the workflow rolls back. The rules of :mod:`dtmcli.workflow` (determinism, at-least-once steps,
-one execution per gid in this process, the resume URL reachable by DTM only) hold here too.
+with a WARNING naming it, and the workflow rolls back. The rules of :mod:`dtmcli.workflow`
+(determinism, at-least-once steps, one execution per gid in this process, the resume URL reachable
+by DTM only) hold here too.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ is already running in this process, 500 (logged) for a gid prepared for another 
 The endpoint must be reachable by DTM only: whoever can call it runs registered workflows with any
 gid and input. With ``token=`` the views also require the callback URL's ``token`` query parameter
 (``init_http(dtm, "http://svc/api/workflow/resume?token=<secret>")``; DTM sends the URL's own query
-back unchanged) and answer 403 (logged) without it.
+back unchanged) and answer 403 (logged) without it. dtmcli never logs the token's value, but it is
+no secret from whoever can read DTM's API (``/query`` returns the callback URL as ``query_prepared``)
+or the web server's access logs (they show the request URL): it keeps out callers that can reach the
+service but not DTM's API, and does not replace a network policy. The set of running gids is shared
+by both registries, so a name registered in both still runs a gid once at a time in this process.
 """
 
 from __future__ import annotations

@@ -117,7 +117,9 @@ def workflow_resume_view(token: Optional[str] = None) -> Callable[[HttpRequest],
 
     ``path("api/workflow/resume", workflow_resume_view())``; exempt from CSRF checks (DTM posts
     the workflow input). Answers 200 / 409 / 425-or-500 (also for an unknown name, with a log line).
-    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise).
+    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise). The
+    token is not secret from whoever reads DTM's API (``/query`` shows the callback URL) or the web
+    server's access logs: it keeps out callers that reach this service but not DTM's API.
     """
     from ._workflow_resume import check_token, resume_answer
 

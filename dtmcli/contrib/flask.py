@@ -120,7 +120,9 @@ def workflow_resume_view(token: Optional[str] = None) -> Callable[[], Any]:
     ``app.add_url_rule("/api/workflow/resume", view_func=workflow_resume_view(), methods=["GET", "POST"])``.
     Answers 200 (succeeded), 409 (failed, rolled back), 425/500 (DTM calls again; also for a name
     not registered, with a log line). Names of :mod:`dtmcli.asyncio.workflow` run in a loop of their own.
-    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise).
+    Only DTM may reach it; ``token`` also requires the callback URL's ``?token=`` (403 otherwise). The
+    token is not secret from whoever reads DTM's API (``/query`` shows the callback URL) or the web
+    server's access logs: it keeps out callers that reach this service but not DTM's API.
     """
     from ._workflow_resume import check_token, resume_answer
 

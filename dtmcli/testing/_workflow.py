@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from .._consts import FINAL_STATUSES, PREPARED, RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCESS, WORKFLOW
-from .._protocol import branch_result, go_trim, with_failure
+from .._protocol import branch_result, go_trim, redact_url, with_failure
 from ._pass import MAX_REQUEST_TIMEOUT, BranchErr, Pass, Runner
 from ._rules import OK, ApiResult, due_time, error, escape_gid, failure, is_http, options_of
 from ._scheduler import Scheduler
@@ -225,7 +225,7 @@ def process_workflow(r: Runner, p: Pass) -> Optional[BranchErr]:
     ans = r.caller.call(method, rec.query_prepared, query, custom.data or None, headers, timeout)
     text = go_trim(ans.text)
     result = branch_result(ans.status, text) if ans.status else None
-    logger.info("%s resume %s %s -> %s", rec.gid, method, rec.query_prepared, ans.status or ans.text)
+    logger.info("%s resume %s %s -> %s", rec.gid, method, redact_url(rec.query_prepared), ans.status or ans.text)
     if result == RESULT_SUCCESS:
         return None
     if result == RESULT_ONGOING:

@@ -78,7 +78,8 @@ def test_finished_succeed_gid_returns_the_stored_result_without_calling_anything
     from dtmcli._protocol import Response
 
     wf = workflow.Workflow(_entry(two_http_steps), DtmClient(DTM), "http://svc.test/r", "G", b"in")
-    answer = {"transaction": {"status": "succeed", "result": base64.b64encode(b"stored").decode()}, "progresses": []}
+    answer = {"transaction": {"status": "succeed", "trans_type": "workflow",
+                              "result": base64.b64encode(b"stored").decode()}, "progresses": []}
     effects = _step(wf._execute_flow(two_http_steps, wf), [Response(200, json.dumps(answer).encode())])
     assert [type(e).__name__ for e in effects[:-1]] == ["Request"]
     assert effects[0].url == f"{DTM}/prepareWorkflow"
@@ -97,7 +98,8 @@ def test_prepared_gid_calls_the_function_as_an_effect() -> None:
 
 
 def test_finished_failed_gid_raises_the_rollback_reason(dtm: FakeDtm) -> None:
-    dtm.prepare = {"transaction": {"status": "failed", "rollback_reason": "no money FAILURE"}, "progresses": []}
+    dtm.prepare = {"transaction": {"status": "failed", "trans_type": "workflow", "rollback_reason": "no money FAILURE"},
+                   "progresses": []}
     workflow.register(NAME, two_http_steps)
     with pytest.raises(DtmFailure) as info:
         workflow.execute(NAME, "G", b"in")
