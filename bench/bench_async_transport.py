@@ -1,4 +1,4 @@
-"""Async transports: CPU per POST and requests/s, httpx vs aiohttp, against the sync default transport.
+"""Async transports: CPU per POST and requests/s, lean HTTP/1.1 vs httpx vs aiohttp, against the sync default.
 
 Every implementation POSTs the same ~400-byte JSON body (a 2-step saga submit) to one local sink
 that answers ``{"dtm_result":"SUCCESS"}`` at once (bench/_sink.py, its own process). Each cell runs
@@ -10,7 +10,7 @@ Modes: ``seq`` one request in flight; ``c256`` 256 in flight from one event loop
 transport: 32 threads, its pool size). Every request carries the total deadline (10 s), as the
 client sends it.
 
-Usage: python bench/bench_async_transport.py [--n 3000] [--rounds 3] [--impls sync,httpx,aiohttp]
+Usage: python bench/bench_async_transport.py [--n 3000] [--rounds 3] [--impls sync,http11,httpx,aiohttp]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def start_sink() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("sink did not start")
 
 
-IMPLS = ("sync", "httpx", "aiohttp")
+IMPLS = ("sync", "http11", "httpx", "aiohttp")
 MODES = ("seq", "c256")
 IN_FLIGHT = 256
 SYNC_THREADS = 32
@@ -114,9 +114,9 @@ def work_sync(mode: str, n: int, base: str) -> tuple[float, float]:
 
 
 async def work_async(impl: str, mode: str, n: int, base: str) -> tuple[float, float]:
-    from dtmcli.asyncio._transport import AiohttpTransport, HttpxTransport
+    from dtmcli.asyncio._transport import AiohttpTransport, AsyncHttp11Transport, HttpxTransport
 
-    t = HttpxTransport(timeout=10.0) if impl == "httpx" else AiohttpTransport(timeout=10.0)
+    t = {"httpx": HttpxTransport, "aiohttp": AiohttpTransport, "http11": AsyncHttp11Transport}[impl](timeout=10.0)
     url = f"{base}/api/dtmsvr/submit"
     bodies = [body_for(base, i) for i in range(n)]
 

@@ -26,7 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from ._http11 import MAX_TIMEOUT, Http11Transport, check_timeout
-from ._protocol import Response
+from ._protocol import Response, redact_url
 from .errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 
 __all__ = [
@@ -220,7 +220,8 @@ def _with_deadline_adapter(adapter: HTTPAdapter) -> None:
 
 def _log_exchange(method: str, url: str, status: int, started: float, content: bytes) -> None:
     logger.debug(
-        "%s %s -> %d in %.1f ms (%d bytes)", method, url, status, (time.perf_counter() - started) * 1000, len(content)
+        "%s %s -> %d in %.1f ms (%d bytes)", method, redact_url(url), status, (time.perf_counter() - started) * 1000,
+        len(content),
     )
 
 

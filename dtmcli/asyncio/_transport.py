@@ -5,9 +5,13 @@ deadline (connect, send and every read of the whole body), connection problems a
 (:class:`DtmConnectError` only when nothing can have been sent, :class:`DtmConnectTimeout` when the
 deadline ran out before the request could go out, :class:`DtmTimeout` once it may have, else
 :class:`DtmTransportError`), query parameters reach the wire exactly as the sync default transport
-writes them, and no redirect is followed. As with the sync default (urllib3), credentials in a URL
+writes them, and no redirect is followed. As with the sync default, credentials in a URL
 (``http://user:pw@host/``) are never sent; aiohttp drops an empty trailing ``?`` (``/x?`` goes out
 as ``/x``, the same resource to any server).
+
+Three transports: :class:`AsyncHttp11Transport` (the default: the sync default's sans-I/O HTTP/1.1
+core, :mod:`dtmcli._h11core`, driven by an asyncio Protocol in :mod:`dtmcli.asyncio._http11`),
+:class:`AiohttpTransport` (the default when a proxy is configured) and :class:`HttpxTransport`.
 
 The deadline is this module's own, and a cancellation of the calling task always wins over it: the
 caller gets ``CancelledError``, never a ``DtmTimeout``, even when both arrive in the same loop
@@ -51,16 +55,18 @@ from urllib.request import getproxies
 
 from urllib3.util import parse_url
 
+from .. import _h11core as h11
 from .. import _transport as _sync
 from .._protocol import Response
 from .._transport import _JSON_HEADERS, _log_exchange, check_timeout
 from ..errors import DtmConnectError, DtmConnectTimeout, DtmError, DtmInvalidInput, DtmTimeout, DtmTransportError
+from . import _http11
 
 if TYPE_CHECKING:
     import aiohttp
     import httpx
 
-__all__ = ["AsyncTransport", "HttpxTransport", "AiohttpTransport", "default_async_transport"]
+__all__ = ["AsyncTransport", "AsyncHttp11Transport", "HttpxTransport", "AiohttpTransport", "default_async_transport"]
 
 logger = logging.getLogger("dtmcli")
 
@@ -197,7 +203,19 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved: no "exception was never retrieved" log
 
 
-async def _within_own_task(work: Coroutine[Any, Any, T], timeout: float) -> T:
+class Timer(Protocol):
+    """A timer's handle: ``cancel()`` it before it fires and it never does."""
+
+    def cancel(self) -> None:
+        """Do not fire."""
+        ...
+
+
+CallLater = Callable[[float, Callable[[], None]], Timer]
+"""Call a function after so many seconds (``loop.call_later``, or a transport's cheaper timers)."""
+
+
+async def _within_own_task(work: Coroutine[Any, Any, T], timeout: float, call_later: Optional[CallLater] = None) -> T:
     loop = asyncio.get_running_loop()
     inner = loop.create_task(work)
     woken = loop.create_future()
@@ -206,7 +224,7 @@ async def _within_own_task(work: Coroutine[Any, Any, T], timeout: float) -> T:
         if not woken.done():
             woken.set_result(None)
 
-    handle = loop.call_later(timeout, wake)
+    handle = (call_later or loop.call_later)(timeout, wake)
     inner.add_done_callback(wake)
     try:
         await woken  # only the caller's cancellation interrupts this
@@ -235,11 +253,11 @@ async def _within_own_task(work: Coroutine[Any, Any, T], timeout: float) -> T:
 
 if sys.version_info >= (3, 11):
 
-    async def _within(work: Coroutine[Any, Any, T], timeout: float) -> T:
+    async def _within(work: Coroutine[Any, Any, T], timeout: float, call_later: Optional[CallLater] = None) -> T:
         """``await work``, or _Expired after ``timeout`` s; the caller's own cancellation wins."""
         task = asyncio.current_task()
         if _OWN_TASK or task is None:
-            return await _within_own_task(work, timeout)
+            return await _within_own_task(work, timeout, call_later)
         base = task.cancelling()
         expired = False
 
@@ -248,7 +266,7 @@ if sys.version_info >= (3, 11):
             expired = True
             task.cancel()
 
-        handle = asyncio.get_running_loop().call_later(timeout, expire)
+        handle = (call_later or asyncio.get_running_loop().call_later)(timeout, expire)
         try:
             result = await work
         except BaseException as exc:
@@ -408,6 +426,10 @@ class _PerLoop(Generic[C]):
         """The typed error for the library's ``exc``, or ``None`` to let it propagate."""
         raise NotImplementedError
 
+    def _call_later(self, client: C) -> Optional[CallLater]:
+        """The deadline's timer for requests on ``client`` (``None``: the loop's ``call_later``)."""
+        return None
+
     async def request(
         self,
         method: str,
@@ -433,7 +455,7 @@ class _PerLoop(Generic[C]):
             raise closed
         try:
             work = self._send(client, method, self._target(url, params), body, headers, attempt)
-            status, content = await (work if timeout is None else _within(work, timeout))
+            status, content = await (work if timeout is None else _within(work, timeout, self._call_later(client)))
         except _Expired as exc:
             raise _deadline_error(method, url, timeout, attempt) from exc.__cause__
         except Exception as exc:
@@ -743,23 +765,102 @@ class AiohttpTransport(_PerLoop["aiohttp.ClientSession"]):
 _NO_AUTO_CONTENT_TYPE = ("Content-Type",)
 
 
+# -- the lean HTTP/1.1 transport ----------------------------------------------------------------------
+
+
+class AsyncHttp11Transport(_PerLoop[_http11.LoopPool]):
+    """Keep-alive HTTP/1.1 on asyncio's own sockets, one pool per event loop: the asyncio twin of the
+    sync default :class:`~dtmcli._http11.Http11Transport`, on the same sans-I/O core
+    (:mod:`dtmcli._h11core`: request bytes, response parsing, the never-resend-a-POST rule).
+
+    ``timeout`` is a total deadline per request in seconds (``None``: none). At most
+    ``pool_maxsize`` requests are in flight per event loop (others wait for a free connection,
+    which counts as connecting); as many connections are kept idle per host. ``ssl_context`` is
+    used for https (default: verified against the system's CAs). It speaks to servers directly:
+    with a proxy configured, :func:`default_async_transport` picks aiohttp.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: Optional[float] = 10.0,
+        pool_maxsize: int = DEFAULT_POOL_SIZE,
+        ssl_context: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        self.timeout = check_timeout(timeout)
+        _check_pool_size(pool_maxsize)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise DtmInvalidInput(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
+        self._pool_maxsize = pool_maxsize
+        self._ssl_context = ssl_context
+        self._writer = h11.RequestWriter()
+        super().__init__(None, False)
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:  # one per transport: loading the CAs takes milliseconds
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _new_client(self) -> _http11.LoopPool:
+        return _http11.LoopPool(self._pool_maxsize)
+
+    @staticmethod
+    async def _close_client(client: _http11.LoopPool) -> None:
+        client.close()
+
+    @staticmethod
+    def _abandon_client(client: _http11.LoopPool) -> None:
+        client.closed = True  # its sockets are left alone (a closed loop, or the parent's)
+
+    def _closed(self, client: _http11.LoopPool) -> Optional[DtmInvalidInput]:
+        return None
+
+    def _target(self, url: str, params: Optional[Mapping[str, str]]) -> Any:
+        return url, params  # the core builds (and caches) the request target
+
+    def _mapped(self, method: str, url: str, timeout: Optional[float], exc: Exception) -> Optional[DtmError]:
+        if isinstance(exc, OSError):  # a reset or TLS error mid-exchange
+            return DtmTransportError(f"{method} {url} failed: {exc}")
+        return None
+
+    def _call_later(self, client: _http11.LoopPool) -> Optional[CallLater]:
+        return client.deadlines.call_later  # one loop timer for all the pool's deadlines
+
+    def _send(  # the core's coroutine itself, without a frame of its own
+        self,
+        client: _http11.LoopPool,
+        method: str,
+        target: Any,
+        body: Optional[bytes],
+        headers: Optional[Mapping[str, str]],
+        attempt: _Attempt,
+    ) -> Coroutine[Any, Any, tuple[int, bytes]]:
+        url, params = target
+        return _http11.send(client, self._writer, self._context, method, url, params, body, headers, attempt)
+
+
 # -- the default ----------------------------------------------------------------------------------
 
-_FACTORIES: dict[str, Callable[..., AsyncTransport]] = {"httpx": HttpxTransport, "aiohttp": AiohttpTransport}
-_PREFERENCE = ("aiohttp", "httpx")  # fastest first (bench/bench_async_transport.py)
+_FACTORIES: dict[str, Callable[..., AsyncTransport]] = {
+    "http11": AsyncHttp11Transport, "httpx": HttpxTransport, "aiohttp": AiohttpTransport,
+}
+_PROXY_CAPABLE = ("aiohttp", "httpx")  # fastest first (bench/bench_async_transport.py)
 
 
 def default_async_transport(timeout: Optional[float] = 10.0) -> AsyncTransport:
     """The transport an async client gets when none is given.
 
-    ``DTMCLI_ASYNC_TRANSPORT=httpx`` or ``=aiohttp`` chooses explicitly. Otherwise the faster one
-    that is installed, aiohttp (bench/bench_async_transport.py: 3.5x less CPU per request than httpx
-    one at a time, 20x with 256 in flight); ImportError naming the extra when neither is.
+    ``DTMCLI_ASYNC_TRANSPORT=http11``, ``=aiohttp`` or ``=httpx`` chooses explicitly. Otherwise
+    :class:`AsyncHttp11Transport` (bench/async_client.py: about half aiohttp's CPU per submit, twice
+    its throughput), unless a proxy is configured in the environment, which it does not speak: then
+    aiohttp, or httpx when aiohttp is not installed (ImportError naming the extra when neither is).
     """
     choice = os.environ.get("DTMCLI_ASYNC_TRANSPORT", "").strip().lower()
     if choice and choice not in _FACTORIES:
-        raise DtmInvalidInput(f"DTMCLI_ASYNC_TRANSPORT must be 'httpx' or 'aiohttp', not {choice!r}")
-    for name in (choice,) if choice else _PREFERENCE:
+        raise DtmInvalidInput(f"DTMCLI_ASYNC_TRANSPORT must be 'http11', 'aiohttp' or 'httpx', not {choice!r}")
+    if not choice and not _env_has_proxy():
+        return AsyncHttp11Transport(timeout=timeout)
+    for name in (choice,) if choice else _PROXY_CAPABLE:
         factory = _FACTORIES[name]
         try:
             return factory(timeout=timeout)
@@ -767,5 +868,6 @@ def default_async_transport(timeout: Optional[float] = 10.0) -> AsyncTransport:
             if choice:
                 raise
     raise ImportError(
-        "dtmcli.asyncio needs an HTTP library: pip install 'dtmcli[asyncio]' (aiohttp) or 'dtmcli[httpx]'"
+        "dtmcli.asyncio needs an HTTP library to speak through a proxy: pip install 'dtmcli[asyncio]' (aiohttp) "
+        "or 'dtmcli[httpx]'"
     )

@@ -19,6 +19,7 @@ import urllib3
 
 from .._http11 import FRAMING_HEADERS as _LEAN_REFUSES
 from .._http11 import Http11Transport
+from .._protocol import redact_url
 from ..errors import DtmInvalidInput
 
 __all__ = [
@@ -114,9 +115,9 @@ class HttpBranchCaller:
                 r = self._lean.request(method, url, params=dict(query), body=body, headers=dict(headers),
                                        timeout=timeout)
             except Exception as exc:  # any failure to get an answer is an "unknown result", retried
-                logger.debug("branch %s %s failed: %s", method, url, exc)
+                logger.debug("branch %s %s failed: %s", method, redact_url(url), redact_url(str(exc)))
                 return BranchAnswer(0, f"{type(exc).__name__}: {exc}")
-            logger.debug("branch %s %s -> %d", method, url, r.status)
+            logger.debug("branch %s %s -> %d", method, redact_url(url), r.status)
             return BranchAnswer(r.status, r.content.decode("utf-8", "replace"))
         full = f"{url}{'&' if '?' in url else '?'}{urlencode(dict(query))}"
         chunked = method == "POST" and not body
@@ -132,9 +133,9 @@ class HttpBranchCaller:
             )
             text = resp.data.decode("utf-8", "replace")
         except Exception as exc:  # any failure to get an answer is an "unknown result", retried
-            logger.debug("branch %s %s failed: %s", method, full, exc)
+            logger.debug("branch %s %s failed: %s", method, redact_url(full), redact_url(str(exc)))
             return BranchAnswer(0, f"{type(exc).__name__}: {exc}")
-        logger.debug("branch %s %s -> %d", method, full, resp.status)
+        logger.debug("branch %s %s -> %d", method, redact_url(full), resp.status)
         return BranchAnswer(resp.status, text)
 
     def close(self) -> None:

@@ -1053,8 +1053,14 @@ def test_forked_child_never_uses_the_parents_sockets(
 
 
 def test_default_async_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dtmcli.asyncio._transport import AsyncHttp11Transport
+
     monkeypatch.delenv("DTMCLI_ASYNC_TRANSPORT", raising=False)
-    assert isinstance(default_async_transport(), AiohttpTransport)  # the faster one, per the benchmark
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(default_async_transport(), AsyncHttp11Transport)  # the fastest, per the benchmark
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert isinstance(default_async_transport(), AiohttpTransport)  # the fastest that speaks to proxies
     t = default_async_transport(3.0)
     assert t.timeout == 3.0  # type: ignore[attr-defined]
     monkeypatch.setenv("DTMCLI_ASYNC_TRANSPORT", "httpx")
@@ -1070,6 +1076,7 @@ def test_default_async_transport(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DTMCLI_ASYNC_TRANSPORT", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # the default needs a library only then
     monkeypatch.setitem(sys.modules, "aiohttp", None)  # as if not installed
     assert isinstance(default_async_transport(), HttpxTransport)  # the other one is taken
     monkeypatch.setenv("DTMCLI_ASYNC_TRANSPORT", "aiohttp")
