@@ -7,7 +7,7 @@ from ._consts import DEFAULT_DTM
 from ._models import Branch, Transaction, TransactionPage
 from ._options import TransOptions
 from ._retry import ExponentialBackoff, Retry
-from ._transport import RequestsTransport, Transport
+from ._transport import Http11Transport, RequestsTransport, Transport, Urllib3Transport
 from ._twophase import BranchReply, GlobalTransaction
 from .barrier import BranchBarrier
 from .branch import BranchInfo, BranchRequestError, BranchResponse, current_branch_info, set_dtm_servers
@@ -67,6 +67,7 @@ __all__ = [
     "ExponentialBackoff",
     "GlobalTransaction",
     "Msg",
+    "Http11Transport",
     "RequestsTransport",
     "Retry",
     "Saga",
@@ -75,6 +76,7 @@ __all__ = [
     "TransactionPage",
     "TransOptions",
     "Transport",
+    "Urllib3Transport",
     "Xa",
     "current_branch_info",
     "local_gid",

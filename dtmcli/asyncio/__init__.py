@@ -9,7 +9,7 @@ I/O differs. Errors are the classes of :mod:`dtmcli.errors`, raised in the same 
 """
 
 from ..branch import BranchInfo, current_branch_info
-from ._transport import AiohttpTransport, AsyncTransport, HttpxTransport
+from ._transport import AiohttpTransport, AsyncHttp11Transport, AsyncTransport, HttpxTransport
 from ._twophase import AsyncGlobalTransaction
 from .barrier import BranchBarrier
 from .client import AsyncDtmClient, AsyncDtmLike, as_async_client, local_gid, new_gid
@@ -20,6 +20,7 @@ from .xa import Xa, register_xa_branch, xa_global_transaction
 
 __all__ = [
     "AiohttpTransport",
+    "AsyncHttp11Transport",
     "AsyncDtmClient",
     "AsyncDtmLike",
     "AsyncGlobalTransaction",
