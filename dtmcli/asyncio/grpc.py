@@ -9,6 +9,8 @@ with the gRPC calls made on ``grpc.aio`` channels (one set per event loop).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import weakref
 from typing import Any, Awaitable, Callable, ClassVar, Optional, Sequence, TypeVar, Union, overload
 
@@ -22,9 +24,9 @@ from .._protocol import Response
 from .._retry import Retry
 from .._twophase import global_transaction
 from ..client import DEFAULT_TIMEOUT, ClientBase
-from ..errors import DtmInvalidInput
+from ..errors import DtmConnectTimeout, DtmInvalidInput, DtmTransportError
 from ..grpc._core import GrpcMsgCore, GrpcSagaCore, GrpcTccCore, GrpcXaCore, Reply
-from ..grpc._io import BranchCall, ChannelsBase, identity, serialize, translate_rpc_error
+from ..grpc._io import BranchCall, ChannelsBase, connect_outcome, identity, serialize, translate_rpc_error
 from ..grpc._proto import METHODS, method_path
 from ..grpc._proto import dtmgimp_pb2 as pb
 from ..grpc._wire import split_grpc_url, success_response
@@ -43,6 +45,8 @@ __all__ = [
 
 R = TypeVar("R")
 
+logger = logging.getLogger("dtmcli")
+
 
 class _LoopChannels:
     """The ``grpc.aio`` channels of one event loop."""
@@ -52,11 +56,50 @@ class _LoopChannels:
         self.branches: dict[str, grpc.aio.Channel] = {}
 
 
-def _aio_ready(channel: grpc.aio.Channel) -> Optional[bool]:
+def _aio_state(channel: grpc.aio.Channel, try_to_connect: bool) -> grpc.ChannelConnectivity:
     try:
-        return channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
-    except Exception:  # a closed channel: unsure
-        return None
+        return channel.get_state(try_to_connect=try_to_connect)
+    except Exception:  # grpc.aio.UsageError and the like: a closed channel
+        return grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def aio_connect(
+    channel: grpc.aio.Channel, timeout: Optional[float], where: str, target: str, gid: Optional[str] = None
+) -> Optional[float]:
+    """The asyncio twin of :func:`dtmcli.grpc._io.sync_connect`: wait until ``channel`` is READY within
+    ``timeout`` (a READY channel costs one state read); return the time left for the call. No
+    connection: DtmConnectError / DtmConnectTimeout, the call not made; a closed channel: DtmInvalidInput."""
+    state = _aio_state(channel, True)
+    if state is grpc.ChannelConnectivity.READY:
+        return timeout
+    start = time.monotonic()
+    while True:
+        err = connect_outcome(state, where, target, gid)
+        if err is not None:
+            raise err
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            raise DtmConnectTimeout(f"{where}: no connection to {target} within the {timeout} s timeout", gid=gid)
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), left)
+        except asyncio.TimeoutError:
+            continue  # the loop raises DtmConnectTimeout
+        state = _aio_state(channel, True)
+        if state is grpc.ChannelConnectivity.READY:
+            return None if timeout is None else max(timeout - (time.monotonic() - start), 0.001)
+
+
+def _not_cancelled_by_caller() -> bool:
+    """Whether a CancelledError out of a grpc.aio call came from its channel closing rather than from a
+    cancel of the running task (Python 3.11+ can tell; before, the CancelledError is left as it is)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() == 0
+
+
+def _channel_closed(where: str, call: Optional[BranchCall] = None) -> DtmTransportError:
+    ids: dict[str, Any] = {} if call is None else {"gid": call.gid, "branch_id": call.branch_id, "op": call.op}
+    return DtmTransportError(f"{where}: the gRPC channel was closed during the call (it may have been sent)", **ids)
 
 
 class AsyncGrpcChannels(ChannelsBase):
@@ -93,38 +136,54 @@ class AsyncGrpcChannels(ChannelsBase):
         return grpc.aio.insecure_channel(target, options=self._options)
 
     async def call_dtm(self, method: str, message: Message, timeout: Optional[float]) -> Response:
-        """Call ``dtmgimp.Dtm/<method>``; a failure raises its typed error."""
+        """Call ``dtmgimp.Dtm/<method>`` once the channel is READY; a failure raises its typed error."""
+        where = f"dtm {method}"
         chans = self._mine()
         channel: grpc.aio.Channel = self._given
         if channel is None:
             if chans.dtm is None:
                 chans.dtm = self._open(self.target, self._credentials)
             channel = chans.dtm
+        left = await aio_connect(channel, timeout, where, self.target, getattr(message, "Gid", None) or None)
         call = channel.unary_unary(
             method_path(method), request_serializer=serialize, response_deserializer=METHODS[method][1].FromString
         )
         try:
-            reply = await call(message, timeout=timeout)
+            reply = await call(message, timeout=left)
+        except asyncio.CancelledError:
+            if _not_cancelled_by_caller():
+                raise _channel_closed(where) from None
+            raise
         except Exception as exc:
-            raise translate_rpc_error(exc, f"dtm {method}", None, lambda: _aio_ready(channel)) from None
+            raise translate_rpc_error(exc, where) from None
         return success_response(reply)
 
     async def call_branch(self, call: BranchCall) -> bytes:
-        """Perform a :class:`~dtmcli.grpc._io.BranchCall`; a failure raises its typed error."""
+        """Perform a :class:`~dtmcli.grpc._io.BranchCall` once the channel is READY; a failure raises its
+        typed error."""
         target, method = split_grpc_url(call.url)
         chans = self._mine()
         channel = chans.branches.get(target)
         if channel is None:
             channel = chans.branches[target] = self._open(target, self._branch_credentials)
+        left = await aio_connect(channel, call.timeout, call.url, target, call.gid)
         stub = channel.unary_unary(method, request_serializer=identity, response_deserializer=identity)
         try:
-            reply: bytes = await stub(call.payload, timeout=call.timeout, metadata=call.metadata)
+            reply: bytes = await stub(call.payload, timeout=left, metadata=call.metadata)
+        except asyncio.CancelledError:
+            if _not_cancelled_by_caller():
+                raise _channel_closed(call.url, call) from None
+            raise
         except Exception as exc:
-            raise translate_rpc_error(exc, call.url, call, lambda: _aio_ready(channel)) from None
+            raise translate_rpc_error(exc, call.url, call) from None
         return reply
 
     async def aclose(self) -> None:
-        """Close the channels this object opened in the running loop; forget those of other loops."""
+        """Close the channels this object opened in the running loop; forget those of other loops. A
+        no-op for a shared client, whose channels other tasks may be using."""
+        if self.shared:
+            logger.debug("aclose() of the shared gRPC client of %s: kept open", self.target)
+            return
         loop = asyncio.get_running_loop()
         with self._lock:
             self._closed = True
@@ -181,7 +240,8 @@ class AsyncDtmGrpcClient(GrpcClientCore):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the channels the client opened (in the running loop)."""
+        """Close the channels the client opened (in the running loop); a closed client refuses further
+        calls. A no-op for the shared client of a target (:meth:`for_target`): it lives for the process."""
         await self.grpc_io.aclose()
 
     async def new_gid(self) -> str:

@@ -26,8 +26,8 @@ class Saga(GrpcSagaCore, _saga.Saga):
     ...                                  ReqGrpc(Amount=30)).submit()
 
     Same options, orders, lifecycle and submit outcomes as :class:`dtmcli.Saga`; ``dtm`` is a gRPC
-    target or a :class:`DtmGrpcClient`. Without the client's ``http``, a ``wait_result`` submit
-    reports DTM's answer as it came (there is no gRPC query to settle it).
+    target or a :class:`DtmGrpcClient`. ``wait_result`` needs the client's ``http`` (DTM's gRPC API
+    has no query to settle an unclear answer); without it the saga is refused before anything is sent.
     """
 
     client: DtmGrpcClient  # type: ignore[assignment]

@@ -96,13 +96,19 @@ class GrpcTransRules(TransCore):
     def _check_url(self, url: Any, what: str, *, allow_empty: bool = False) -> str:
         return check_grpc_url(url, what, gid=self.gid, allow_empty=allow_empty, allow_http=what in _DTM_CALLED)
 
-    def _check_wait_result(self) -> None:
+    def _wait_result_refusal(self) -> Optional[DtmInvalidInput]:
         if self.options.wait_result and not self.client.can_query:
-            raise DtmInvalidInput(
+            return DtmInvalidInput(
                 "wait_result over gRPC needs a client with http=<the DTM server's HTTP URL>: with wait_result DTM "
                 "answers Aborted whenever the transaction has not succeeded after one pass, failed or not, and only "
                 "a query can tell (DTM's gRPC API has none)", gid=self.gid,
             )
+        return None
+
+    def _check_wait_result(self) -> None:
+        refusal = self._wait_result_refusal()
+        if refusal is not None:
+            raise refusal
 
     def _prepare_flow(self) -> Flow[None]:
         self._check_wait_result()
@@ -115,6 +121,16 @@ class GrpcTransRules(TransCore):
 
 class GrpcBranchCalls(GrpcTransRules, TwoPhaseCore):
     """The gRPC branch call a TCC/XA client makes itself (its try or action), as a flow."""
+
+    def _finish_flow(self, exc: Optional[BaseException]) -> Flow[None]:
+        """As TwoPhaseCore's, except that a submit refused for ``wait_result`` (set inside the body, after
+        the prepare) aborts the prepared transaction at once instead of leaving it to timeout_to_fail."""
+        if exc is None and self._branch_error is None:
+            refusal = self._wait_result_refusal()
+            if refusal is not None:
+                yield from super()._finish_flow(refusal)  # the abort after a failed body
+                raise refusal
+        yield from super()._finish_flow(exc)
 
     def _grpc_branch_flow(
         self, url: str, payload: bytes, branch_id: str, op: str, reply: Reply, phase2_url: Optional[str] = None

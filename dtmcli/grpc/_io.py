@@ -8,7 +8,9 @@ with :class:`BranchCall`. The driver's ``io`` (a gRPC client) performs them thro
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import grpc
@@ -16,14 +18,16 @@ from google.protobuf.message import Message
 
 from .._flow import Effect
 from .._protocol import Response
-from ..errors import DtmError, DtmInvalidInput
+from ..errors import DtmConnectError, DtmConnectTimeout, DtmError, DtmInvalidInput, DtmTransportError
 from ._proto import METHODS, method_path
-from ._wire import never_connected, rpc_error, split_grpc_url, success_response
+from ._wire import rpc_error, split_grpc_url, success_response
 
 __all__ = [
-    "BranchCall", "ChannelsBase", "DtmCall", "GrpcChannels", "channel_options", "identity", "serialize",
-    "sync_channel_ready", "translate_rpc_error",
+    "BranchCall", "ChannelsBase", "DtmCall", "GrpcChannels", "channel_options", "connect_outcome", "identity",
+    "serialize", "sync_channel_state", "sync_connect", "translate_rpc_error",
 ]
+
+logger = logging.getLogger("dtmcli")
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -98,32 +102,99 @@ def channel_options(options: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any]
     return (*out, ("grpc.enable_retries", 0))
 
 
-_READY = grpc.ChannelConnectivity.READY.value[0]
+_STATES = {c.value[0]: c for c in grpc.ChannelConnectivity}
 
 
-def sync_channel_ready(channel: Any) -> Optional[bool]:
-    """Whether a blocking channel is connected right now (``None``: cannot tell, e.g. an intercepted channel)."""
-    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
-    if check is None:
-        return None
+def sync_channel_state(channel: Any) -> Optional[grpc.ChannelConnectivity]:
+    """The connectivity of a blocking channel right now, read cheaply without subscribing (also through
+    ``grpc.intercept_channel`` wrappers); ``SHUTDOWN`` when closed, ``None`` when it cannot be read."""
+    core = channel
+    for _ in range(4):  # grpc.intercept_channel(...) wraps a grpc._channel.Channel wrapping the cygrpc one
+        core = getattr(core, "_channel", None)
+        check = getattr(core, "check_connectivity_state", None)
+        if check is not None:
+            try:
+                return _STATES.get(check(False))
+            except ValueError:  # grpcio: "Cannot invoke RPC: Channel closed!"
+                return grpc.ChannelConnectivity.SHUTDOWN
+            except Exception:  # an unexpected grpcio
+                return None
+    return None
+
+
+def connect_outcome(
+    state: Optional[grpc.ChannelConnectivity], where: str, target: str, gid: Optional[str] = None
+) -> Optional[DtmError]:
+    """What a channel's state means before a call is made: ``None`` to make the call (READY) or to
+    keep waiting (IDLE, CONNECTING); the error otherwise, raised before anything is sent: a closed
+    channel is DtmInvalidInput, a failed connection (TRANSIENT_FAILURE: what grpc's fail-fast calls
+    would fail with at once) DtmConnectError."""
+    if state is grpc.ChannelConnectivity.SHUTDOWN:
+        return DtmInvalidInput(f"{where}: the gRPC channel to {target} is closed", gid=gid)
+    if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        return DtmConnectError(f"{where}: could not connect to {target} (channel in TRANSIENT_FAILURE)", gid=gid)
+    return None
+
+
+def _connect_timeout(where: str, target: str, timeout: Optional[float], gid: Optional[str]) -> DtmConnectTimeout:
+    return DtmConnectTimeout(f"{where}: no connection to {target} within the {timeout} s timeout", gid=gid)
+
+
+def sync_connect(
+    channel: Any, timeout: Optional[float], where: str, target: str, gid: Optional[str] = None
+) -> Optional[float]:
+    """Wait until ``channel`` is READY, within ``timeout``; return the time left for the call.
+
+    Called before every call, so that "nothing was sent" is a fact about the channel, never read from
+    an error's text: when no connection can be made, the call is not made (DtmConnectError, or
+    DtmConnectTimeout when ``timeout`` runs out first); once it is made, every failure may have
+    reached the peer. A READY channel costs one cheap state read. A channel whose state cannot be read
+    nor watched is called at once (its failures count as "maybe sent").
+    """
+    state = sync_channel_state(channel)
+    if state is grpc.ChannelConnectivity.READY:
+        return timeout
+    err = connect_outcome(state, where, target, gid)
+    if err is not None:
+        raise err
+    start = time.monotonic()
+    changed = threading.Condition()
+    seen: list[grpc.ChannelConnectivity] = []
+
+    def on_change(new: grpc.ChannelConnectivity) -> None:
+        with changed:
+            seen.append(new)
+            changed.notify()
+
     try:
-        return bool(check(False) == _READY)
-    except Exception:  # a closed channel, an unexpected grpcio: unsure
-        return None
+        channel.subscribe(on_change, try_to_connect=True)
+    except Exception:  # not a grpcio channel: cannot watch it
+        return timeout
+    try:
+        with changed:
+            while True:
+                while seen:
+                    state = seen.pop(0)
+                    if state is grpc.ChannelConnectivity.READY:
+                        return None if timeout is None else max(timeout - (time.monotonic() - start), 0.001)
+                    err = connect_outcome(state, where, target, gid)
+                    if err is not None:
+                        raise err
+                left = None if timeout is None else timeout - (time.monotonic() - start)
+                if left is not None and left <= 0:
+                    raise _connect_timeout(where, target, timeout, gid)
+                changed.wait(left)
+    finally:
+        channel.unsubscribe(on_change)
 
 
-def translate_rpc_error(
-    exc: BaseException,
-    where: str,
-    call: Optional[BranchCall] = None,
-    channel_ready: Callable[[], Optional[bool]] = lambda: None,
-) -> DtmError:
-    """The typed error for an exception of a grpc call.
+def translate_rpc_error(exc: BaseException, where: str, call: Optional[BranchCall] = None) -> DtmError:
+    """The typed error for an exception of a call that was made (handed to grpc).
 
-    A ``grpc.RpcError`` is read by :func:`~dtmcli.grpc._wire.rpc_error`; an UNAVAILABLE counts as
-    "nothing sent" only when grpc core says it could not connect and ``channel_ready()`` confirms the
-    channel is not connected. Anything else grpcio raises instead of sending (a closed channel, metadata
-    it refuses) is DtmInvalidInput: nothing was sent.
+    A ``grpc.RpcError`` is read by :func:`~dtmcli.grpc._wire.rpc_error`. Anything else (an interceptor
+    of a channel you passed in failing after the call went out, a channel closed meanwhile) may have
+    come after sending: DtmTransportError ("maybe sent"). "Nothing sent" is decided before the call
+    (:func:`sync_connect`), never here.
     """
     gid = call.gid if call is not None else None
     if isinstance(exc, grpc.RpcError):
@@ -132,21 +203,21 @@ def translate_rpc_error(
         status = code() if callable(code) else None
         code_name = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
         text = (details() if callable(details) else None) or ""
-        not_sent = code_name == "UNAVAILABLE" and never_connected(text, channel_ready())
         if call is None:
-            return rpc_error(code_name, text, where=where, not_sent=not_sent)
-        return rpc_error(code_name, text, where=where, gid=gid, branch_id=call.branch_id, op=call.op, bare=True,
-                         not_sent=not_sent)
-    if isinstance(exc, (ValueError, TypeError)):  # a closed channel, metadata grpcio refuses: not sent
-        return DtmInvalidInput(f"{where}: {type(exc).__name__}: {exc}", gid=gid)
-    raise exc
+            return rpc_error(code_name, text, where=where)
+        return rpc_error(code_name, text, where=where, gid=gid, branch_id=call.branch_id, op=call.op, bare=True)
+    ids: dict[str, Any] = {} if call is None else {"branch_id": call.branch_id, "op": call.op}
+    return DtmTransportError(
+        f"{where}: {type(exc).__name__}: {exc} (raised once the call was made: it may have been sent)", gid=gid, **ids
+    )
 
 
 class ChannelsBase:
     """What the blocking and asyncio channel sets share: target, credentials, options, closing.
 
-    A client :meth:`closed <close>` refuses further calls, except a shared one (``reopen``, see
-    ``for_target``): its channels are opened again on next use, as the HTTP clients' pools are.
+    A client :meth:`closed <close>` refuses further calls. The channels of a shared client (``shared``,
+    see ``for_target``) live as long as the process: other threads and tasks may have calls in flight
+    on them, so its ``close()`` is a no-op and only ``close_shared()`` (at shutdown) closes them.
     """
 
     def __init__(
@@ -164,13 +235,11 @@ class ChannelsBase:
         self._options = channel_options(options)
         self._lock = threading.Lock()
         self._closed = False
-        self.reopen = False
+        self.shared = False
 
     def _check_open(self) -> None:
         if self._closed:
-            if not self.reopen:
-                raise DtmInvalidInput(f"the gRPC client of {self.target} is closed")
-            self._closed = False
+            raise DtmInvalidInput(f"the gRPC client of {self.target} is closed")
 
 
 class GrpcChannels(ChannelsBase):
@@ -225,27 +294,38 @@ class GrpcChannels(ChannelsBase):
             return channel
 
     def call_dtm(self, method: str, message: Message, timeout: Optional[float]) -> Response:
-        """Call ``dtmgimp.Dtm/<method>``; a failure raises its typed error."""
+        """Call ``dtmgimp.Dtm/<method>`` once the channel is READY; a failure raises its typed error."""
+        where = f"dtm {method}"
         call, channel = self._dtm_call(method)
+        left = sync_connect(channel, timeout, where, self.target, getattr(message, "Gid", None) or None)
         try:
-            reply = call(message, timeout=timeout)
+            reply = call(message, timeout=left)
         except Exception as exc:
-            raise translate_rpc_error(exc, f"dtm {method}", None, lambda: sync_channel_ready(channel)) from None
+            raise translate_rpc_error(exc, where) from None
         return success_response(reply)
 
     def call_branch(self, call: BranchCall) -> bytes:
-        """Perform a :class:`BranchCall`; a failure raises its typed error."""
+        """Perform a :class:`BranchCall` once the channel is READY; a failure raises its typed error."""
         target, method = split_grpc_url(call.url)
         channel = self._branch_channel(target)
         stub = channel.unary_unary(method, request_serializer=identity, response_deserializer=identity)
+        left = sync_connect(channel, call.timeout, call.url, target, call.gid)
         try:
-            reply: bytes = stub(call.payload, timeout=call.timeout, metadata=call.metadata)
+            reply: bytes = stub(call.payload, timeout=left, metadata=call.metadata)
         except Exception as exc:
-            raise translate_rpc_error(exc, call.url, call, lambda: sync_channel_ready(channel)) from None
+            raise translate_rpc_error(exc, call.url, call) from None
         return reply
 
     def close(self) -> None:
-        """Close the channels this object opened (a channel passed in stays open)."""
+        """Close the channels this object opened (a channel passed in stays open); a no-op for a shared
+        client, whose channels other threads may be using (:meth:`shutdown` closes them)."""
+        if self.shared:
+            logger.debug("close() of the shared gRPC client of %s: kept open (close_shared() closes it)", self.target)
+            return
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Close the channels this object opened, shared or not: calls in flight on them fail."""
         with self._lock:
             self._closed = True
             channels = list(self._branches.values())

@@ -14,7 +14,6 @@ from .._consts import MAX_URL_LEN, RESULT_FAILURE, RESULT_ONGOING, RESULT_SUCCES
 from .._protocol import Response, dumps
 from .._validate import check_http_url
 from ..errors import (
-    DtmConnectError,
     DtmError,
     DtmFailure,
     DtmInvalidInput,
@@ -38,7 +37,6 @@ __all__ = [
     "encode_grpc_payload",
     "go_code_name",
     "go_json",
-    "never_connected",
     "rpc_error",
     "rpc_error_text",
     "split_grpc_url",
@@ -105,13 +103,20 @@ def check_grpc_url(
 
     ``allow_http``: an absolute http(s) URL is accepted too, for a branch DTM itself calls (saga and
     msg steps, tcc confirm/cancel): DTM calls any http(s) URL over HTTP, in a gRPC transaction too.
+    DTM matches ``http://`` / ``https://`` case-sensitively, so an upper-case scheme is refused.
     """
     if allow_empty and url == "":
         return ""
     if isinstance(url, str) and len(url) > MAX_URL_LEN:
         raise DtmInvalidInput(f"{what} {url[:60]!r}... is longer than the {MAX_URL_LEN} characters DTM keeps", gid=gid)
-    if allow_http and isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
-        return check_http_url(url, what, gid=gid)
+    if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+        if not url.startswith(("http://", "https://")):
+            raise DtmInvalidInput(
+                f"{what} {url!r}: write the scheme in lower case (http:// or https://): DTM tells HTTP from gRPC "
+                "branches by the exact lower-case prefix and would call this one over gRPC", gid=gid,
+            )
+        if allow_http:
+            return check_http_url(url, what, gid=gid)
     problem = _grpc_url_problem(url) if isinstance(url, str) else "is not a gRPC URL host:port/package.Service/Method"
     if problem:
         raise DtmInvalidInput(f"{what} {url!r} {problem}", gid=gid)
@@ -325,18 +330,6 @@ _HTTP_STATUS = {
     "NOT_FOUND": 404, "UNIMPLEMENTED": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
 }
 
-# How grpc core's own UNAVAILABLE texts start when no connection could be made (pick_first, the resolver).
-# Only trusted together with a client-side fact (the channel was not connected): a peer (a proxy in
-# front of DTM) may send any text.
-_NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed", "name resolution failure")
-
-
-def never_connected(details: str, channel_ready: Optional[bool]) -> bool:
-    """Whether an UNAVAILABLE proves the request never left: grpc core's own "no connection" text AND
-    the channel known not to be connected (``channel_ready`` False). Unsure (``None``) means no."""
-    return channel_ready is False and details.lower().startswith(_NOT_CONNECTED)
-
-
 def rpc_error(
     code_name: str,
     details: str,
@@ -346,7 +339,6 @@ def rpc_error(
     branch_id: Optional[str] = None,
     op: Optional[str] = None,
     bare: bool = False,
-    not_sent: bool = False,
 ) -> DtmError:
     """The typed error for a failed gRPC call (``code_name`` is ``grpc.StatusCode.<name>.name``).
 
@@ -354,10 +346,9 @@ def rpc_error(
     their message is Go's error text, which becomes the rollback reason of a TCC/XA.
 
     As DTM reads gRPC answers (protocol.md §11, trace grpc_branch_status_codes): ABORTED is FAILURE,
-    except a message exactly ``ONGOING``; FAILED_PRECONDITION is ONGOING. UNAVAILABLE before a
-    connection was made (``not_sent``, see :func:`never_connected`) is DtmConnectError (nothing was
-    sent), any other UNAVAILABLE or CANCELLED a
-    DtmTransportError (it may have arrived), DEADLINE_EXCEEDED DtmTimeout. Anything else is a
+    except a message exactly ``ONGOING``; FAILED_PRECONDITION is ONGOING. UNAVAILABLE and CANCELLED are a
+    DtmTransportError (the call was made: it may have arrived; "nothing was sent" is decided before
+    the call, from the channel's state), DEADLINE_EXCEEDED DtmTimeout. Anything else is a
     DtmServerError whose ``status`` is the matching HTTP status (500 when there is none).
     """
     text = rpc_error_text(go_code_name(code_name), details)
@@ -370,10 +361,6 @@ def rpc_error(
         return DtmOngoing(result_text, **ids)
     if code_name == "DEADLINE_EXCEEDED":
         return DtmTimeout(f"{where}: {text}", **ids)
-    if code_name == "UNAVAILABLE":
-        if not_sent:
-            return DtmConnectError(f"{where}: {text}", **ids)
-        return DtmTransportError(f"{where}: {text}", **ids)
-    if code_name == "CANCELLED":
+    if code_name in ("UNAVAILABLE", "CANCELLED"):
         return DtmTransportError(f"{where}: {text}", **ids)
     return DtmServerError(f"{where}: {text}", status=_HTTP_STATUS.get(code_name, 500), body=details, **ids)

@@ -16,12 +16,13 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from .._consts import ABORTING, FAILED, PREPARED, SUCCEED
 from .._flow import Effect, Flow, run
 from .._models import Transaction
 from .._retry import Retry
 from .._transport import check_timeout
 from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, ClientBase, DtmClient, ServerPool, _redact
-from ..errors import DtmInvalidInput
+from ..errors import DtmFailure, DtmInProgress, DtmInvalidInput, DtmOngoing, DtmServerError, DtmTimeout
 from ._io import DtmCall, GrpcChannels
 from ._proto import dtmgimp_pb2 as pb
 from ._wire import DTM_METHODS, check_grpc_target, dtm_branch_request, dtm_request
@@ -93,7 +94,7 @@ class GrpcClientCore(ClientBase):
             client = cls._shared.get(target)
             if client is None:
                 client = cls._shared[target] = cls(target)  # type: ignore[call-arg]
-                client.grpc_io.reopen = True  # shared: a close() only drops the channels, as for HTTP
+                client.grpc_io.shared = True  # lives for the process: close() leaves its channels open
                 if len(cls._shared) > MAX_SHARED_CLIENTS:
                     # Forgotten, not closed: a thread may be using it; its channels close when it is freed.
                     cls._shared.popitem(last=False)
@@ -147,11 +148,58 @@ class GrpcClientCore(ClientBase):
         return (yield from self.http._query_flow(gid))
 
     def _call_body(self, path: str, body: Union[Mapping[str, Any], Message]) -> Flow[None]:
-        if isinstance(body, (pb.DtmRequest, pb.DtmBranchRequest)):
-            body = body_of(body)
+        if isinstance(body, Message):
+            body = body_of(_own_message(path, body))
         if not isinstance(body, Mapping):
             raise DtmInvalidInput(f"{path}: body must be a mapping or a DtmRequest, not {type(body).__name__}")
+        if path in ("prepare", "submit") and body.get("wait_result"):
+            if not self.can_query:
+                raise DtmInvalidInput(
+                    f"{path}: wait_result over gRPC needs a client with http=<the DTM server's HTTP URL>: with "
+                    "wait_result DTM answers Aborted whenever the transaction has not succeeded after one pass, "
+                    "failed or not, and only a query can tell (DTM's gRPC API has none)", gid=body.get("gid"),
+                )
+            if path == "submit":
+                yield from self._settled_submit_flow(body)
+                return
         yield from self._post_flow(path, body, idempotent=path == "prepare")
+
+    def _settled_submit_flow(self, body: Mapping[str, Any]) -> Flow[None]:
+        """A raw wait_result submit, its unclear answer settled with a query as the builders do: DTM's
+        Aborted only says "not succeeded after one pass" (protocol.md §6). Never resubmits."""
+        try:
+            yield from self._post_flow("submit", body)
+        except (DtmFailure, DtmOngoing, DtmServerError, DtmTimeout) as exc:
+            if isinstance(exc, DtmServerError) and exc.status < 500:
+                raise
+            gid = str(body.get("gid", ""))
+            trans = yield from self._query_flow(gid)
+            if trans is None or trans.status == PREPARED:
+                raise
+            if trans.status in (FAILED, ABORTING):
+                raise DtmFailure(trans.rollback_reason or str(exc), gid=gid) from exc
+            if trans.status != SUCCEED:
+                raise DtmInProgress(
+                    f"{body.get('trans_type')} {gid} is still {trans.status}; DTM keeps processing it, do not "
+                    "submit again", status=trans.status, gid=gid,
+                ) from exc
+
+
+def _own_message(path: str, message: Message) -> Union[pb.DtmRequest, pb.DtmBranchRequest]:
+    """``message`` as dtmcli's own DtmRequest / DtmBranchRequest: an app's class generated from DTM's
+    ``dtmgimp.proto`` (same message, another Python class) is re-read from its bytes."""
+    want: Union[type[pb.DtmRequest], type[pb.DtmBranchRequest]] = (
+        pb.DtmBranchRequest if path == "registerBranch" else pb.DtmRequest
+    )
+    if isinstance(message, want):
+        return message
+    name = message.DESCRIPTOR.full_name
+    if name == "dtmgimp." + want.__name__:
+        return want.FromString(message.SerializeToString())
+    raise DtmInvalidInput(
+        f"{path}: body must be a mapping or a {want.__name__} (dtmcli.grpc._proto.dtmgimp_pb2, or DTM's "
+        f"dtmgimp.{want.__name__}), not {name}"
+    )
 
 
 def _http_client(http: Any) -> Optional[DtmClient]:
@@ -206,9 +254,11 @@ class DtmGrpcClient(GrpcClientCore):
 
     @classmethod
     def close_shared(cls, target: Optional[str] = None) -> None:
-        """Close and forget the shared client of ``target`` (every shared client when ``None``)."""
+        """Close and forget the shared client of ``target`` (every shared client when ``None``), at
+        shutdown: calls still in flight on it fail, and it refuses further calls (``for_target`` then
+        makes a new one)."""
         for client in cls._forget_target(target):
-            client.close()
+            client.grpc_io.shutdown()
 
     def __enter__(self) -> DtmGrpcClient:
         return self
@@ -217,8 +267,9 @@ class DtmGrpcClient(GrpcClientCore):
         self.close()
 
     def close(self) -> None:
-        """Close the channels the client opened. A closed client refuses further calls, except the shared
-        one of a target (:meth:`for_target`), which opens new channels on next use."""
+        """Close the channels the client opened; a closed client refuses further calls. A no-op for the
+        shared client of a target (:meth:`for_target`): it lives for the process, other threads may have
+        calls in flight on it (:meth:`close_shared` closes it at shutdown)."""
         self.grpc_io.close()
 
     def new_gid(self) -> str:

@@ -174,7 +174,7 @@ def abort(s: Scheduler, query: Mapping[str, str], body: bytes) -> ApiResult:
         if rec is None:
             raise error(f"no TransGlobal with gid: {gid} found")
         if rec.trans_type == MSG and rec.status == PREPARED:
-            s.set_status(rec, FAILED, t["rollback_reason"] or None)
+            s.set_status(rec, FAILED, None)  # DTM keeps an abort's rollback_reason for tcc/xa only
             logger.info("aborted msg %s", gid)
             return OK
         if rec.trans_type not in (TCC, XA) or rec.status not in (PREPARED, ABORTING):

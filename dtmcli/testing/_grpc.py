@@ -3,7 +3,8 @@
 The API maps each request onto the handlers the HTTP API uses (protocol.md §11): a ``DtmRequest``
 becomes the same transaction body, with ``BinPayloads`` as the (binary) payloads, ``Steps`` parsed
 from its JSON text and protocol ``grpc``. Answers map as DTM's ``DtmError2GrpcError``: FAILURE
-(409) → ``ABORTED``, ONGOING (425) → ``FAILED_PRECONDITION``, any other error → ``UNKNOWN``.
+(409) → ``ABORTED``, ONGOING (425) → ``FAILED_PRECONDITION``, any other error → ``INTERNAL`` (dtmsvr
+answers its panics so; the errors it returns, such as an unknown trans type at registerBranch, are ``UNKNOWN``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def _status(result: ApiResult) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ABORTED, message
     if status == 425 or body.get("dtm_result") == RESULT_ONGOING:
         return grpc.StatusCode.FAILED_PRECONDITION, message
-    return grpc.StatusCode.UNKNOWN, message
+    if message.startswith("unknow trans type"):
+        return grpc.StatusCode.UNKNOWN, message  # an error dtmsvr returns (DtmError2GrpcError)
+    return grpc.StatusCode.INTERNAL, message  # dtmsvr raises the rest as panics, which grpcRecover answers INTERNAL
 
 
 class GrpcApi:

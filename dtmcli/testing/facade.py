@@ -55,7 +55,10 @@ class DtmFacade:
         while True:
             trans = self.query(gid)
             if trans is not None and trans.status in wanted:
-                return trans
+                # With UpdateBranchSync 0 a SQL-store DTM writes branch statuses in the background
+                # (every 200 ms), so they may lag the final global status: read once more.
+                time.sleep(0.3)
+                return self.query(gid) or trans
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{gid} is {trans.status if trans else 'unknown'}, not {sorted(wanted)}")
             time.sleep(0.1)

@@ -46,7 +46,6 @@ from dtmcli.grpc._wire import (
     check_branch_headers,
     check_grpc_target,
     check_grpc_url,
-    never_connected,
     rpc_error,
     split_grpc_url,
 )
@@ -162,17 +161,6 @@ def test_http_steps_refuse_bad_http_urls(rec: Recorder) -> None:
 # -- m1: UNAVAILABLE is "nothing sent" only from client-side facts -------------------------------------
 
 
-def test_m1_never_connected_needs_grpc_text_and_a_disconnected_channel() -> None:
-    core = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused"
-    assert never_connected(core, False)
-    assert not never_connected(core, None)  # unsure: never "not sent"
-    assert not never_connected(core, True)  # connected: a peer said so
-    proxy = ("upstream connect error or disconnect/reset before headers. retried and the latest reset reason: "
-             "remote connection failure, transport failure reason: delayed connect error: Connection refused")
-    assert not never_connected(proxy, False)
-    assert not never_connected("no address; connection refused; unreachable", False)
-
-
 def test_m1_peer_sent_connect_text_is_not_a_connect_error(rec: Recorder) -> None:
     """A proxy in front of DTM forwarded the Submit, then answered UNAVAILABLE with grpc-core-like text."""
     rec.answers[SUBMIT] = [("UNAVAILABLE", "failed to connect to all addresses; last error: Connection refused", b""),
@@ -268,11 +256,12 @@ def test_m3_good_branch_headers_go_lower_cased_as_metadata(rec: Recorder) -> Non
     assert rec.calls[-1].metadata["x-user"] == "ann"
 
 
-def test_m3_non_rpc_errors_of_grpcio_are_typed() -> None:
-    err = translate_rpc_error(TypeError("bad metadata"), "dtm Submit")
-    assert isinstance(err, DtmInvalidInput) and "bad metadata" in err.message
-    with pytest.raises(KeyError):
-        translate_rpc_error(KeyError("x"), "dtm Submit")  # not grpcio's refusal: not hidden
+def test_m3_non_rpc_errors_of_a_made_call_may_have_been_sent() -> None:
+    """(N2 of review grpc2) Whatever a call raises once handed to grpc may come after sending: only
+    dtmcli's own checks before the call mean "nothing sent"."""
+    for exc in (TypeError("bad metadata"), ValueError("x"), KeyError("x")):
+        err = translate_rpc_error(exc, "dtm Submit")
+        assert type(err) is DtmTransportError and "may have been sent" in err.message
 
 
 # -- m4: resolver-scheme branch URLs are refused (DTM's default driver calls host:port only) ----------
@@ -308,6 +297,8 @@ def test_m5_shared_client_recovers_after_close(rec: Recorder) -> None:
         Saga(rec.target, "g1").add(rec.url("A"), "", PAYLOAD).submit()  # a target string: the shared client
         DtmGrpcClient.close_shared(rec.target)
         assert DtmGrpcClient.for_target(rec.target) is not shared
+        with pytest.raises(DtmInvalidInput, match="closed"):
+            shared.new_gid()  # close_shared() really closes it (shutdown)
     finally:
         DtmGrpcClient.close_shared(rec.target)
     own = DtmGrpcClient(rec.target)
