@@ -6,18 +6,33 @@ socket. A request is prepared by :class:`RequestWriter` (the URL parsed once and
 headers checked and cached, head and small body in one buffer). The exchange is the generator
 :func:`exchange` (the style of :mod:`dtmcli._flow`): it yields what its driver must do next —
 :data:`SEND` (write the request), :data:`RECONNECT` (drop the connection, open a new one), or a
-positive number (receive up to that many bytes and send them in; ``b""`` at EOF) — has the socket's
-errors thrown in at the ``yield``, and returns ``(status, body, keep_alive)``.
+positive number (receive up to that many bytes and send them in; ``b""`` at EOF), or :data:`CHECK`
+(only look at the deadline) — has the socket's errors thrown in at the ``yield``, and returns
+``(status, body, keep_alive)``.
 
-**The resend rule** (protocol.md §2: never send a submit twice) lives in :func:`exchange` only: on a
-reused keep-alive connection the request goes again on a new connection when the send itself failed
-(the request never arrived whole) or the method is safe (GET, HEAD, OPTIONS) and not one byte of an
-answer came back. A POST that was sent completely is never resent; its failure is a
-DtmTransportError saying it may have been processed. On a fresh connection nothing is resent.
+**The resend rule** (protocol.md §2: never send a submit twice) lives in :func:`exchange` only. On a
+reused keep-alive connection the request goes again on a new connection only when (a) not one byte
+of it can have left: the driver's first write was refused outright (it throws :class:`Unsent`), or
+(b) the method is safe (GET, HEAD, OPTIONS) and not one byte of an answer came back. Once any byte
+left, a POST (PUT, PATCH, DELETE) is never resent, even when the rest of it could not be written: a
+server may act on a request's head (a handler reading only the query, an auth or size limit layer)
+and answer before reading the body. So after a reset or broken pipe on send the answer is read, as
+urllib3 does: an early answer (the coordinator's 413 for a body over 8 MiB) comes back as the
+response; without one the failure is a DtmTransportError saying the request may have been
+processed, never DtmConnectError (which the client's flows read as "nothing sent"). On a fresh
+connection nothing is resent.
+
+**Bounds on what a server sends.** A body is read in parts of at most :data:`MAX_READ` whatever
+length it announces (a hostile ``Content-Length`` or chunk size commits no memory), so the deadline
+and the bytes actually received bound it, as with urllib3. A ``Content-Encoding`` the server used
+although ``identity`` was asked for (gzip, several members too, or deflate) is decoded step by step
+and refused past :data:`MAX_DECODED` bytes (urllib3 has no bound: a 1 MiB gzip bomb becomes 1 GiB).
+Transfer codings other than ``chunked`` are refused.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import zlib
@@ -29,8 +44,9 @@ from urllib3.util import parse_url
 from .errors import DtmInvalidInput, DtmTransportError
 
 __all__ = [
-    "RequestWriter", "Target", "exchange", "read_response", "SEND", "RECONNECT", "RECV_SIZE", "MAX_HEADER_BYTES",
-    "MAX_HEADERS", "FRAMING_HEADERS", "MAX_HOSTS", "Closed", "IdleConnections",
+    "RequestWriter", "Target", "exchange", "read_response", "SEND", "RECONNECT", "CHECK", "RECV_SIZE",
+    "MAX_HEADER_BYTES", "MAX_HEADERS", "MAX_DECODED", "FRAMING_HEADERS", "MAX_HOSTS", "Closed", "Unsent",
+    "IdleConnections",
 ]
 
 logger = logging.getLogger("dtmcli")
@@ -42,10 +58,19 @@ RECV_SIZE = 65536
 """What a driver asks for when reading a head (one receive is usually the whole answer)."""
 MAX_READ = 1 << 20
 """The most one body read asks for."""
+MAX_DECODED = 64 << 20
+"""The largest response body decoded from a gzip/deflate Content-Encoding (8x the coordinator's 8 MiB
+request limit); past it the answer is a DtmTransportError."""
+_DECODE_STEP = 1 << 20
 SEND = 0
-"""Yielded by :func:`exchange`: write the prepared request (errors are thrown in)."""
+"""Yielded by :func:`exchange`: write the prepared request. The driver sends ``None`` when all of it
+was written, throws :class:`Unsent` when its first write was refused outright (not one byte left),
+and throws the socket's error otherwise."""
 RECONNECT = -1
 """Yielded by :func:`exchange`: close this connection and open a new one to the same host."""
+CHECK = -2
+"""Yielded while decoding a large body: the driver checks its deadline (throwing its timeout in) and
+sends ``None``."""
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -61,6 +86,20 @@ _INLINE_BODY = 65536  # bodies up to this size leave in the same write as the he
 
 class Closed(Exception):
     """The server closed (or reset) the connection before one byte of the answer."""
+
+
+class Unsent(Exception):
+    """Thrown into :func:`exchange` by a driver at :data:`SEND`: the first write of the request was
+    refused outright, so not one byte of it left (``cause``: the socket's error)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _broken(exc: BaseException) -> bool:
+    """A reset / broken pipe (EPROTOTYPE on macOS) while writing: the server may have answered early."""
+    return isinstance(exc, ConnectionError) or getattr(exc, "errno", None) == errno.EPROTOTYPE
 
 
 # -- the request ----------------------------------------------------------------------------------
@@ -275,19 +314,35 @@ Reading = Generator[int, bytes, Any]
 def exchange(method: str, url: str, reused: bool) -> Generator[int, Any, tuple[int, bytes, bool]]:
     """One request on a connection (``reused``: taken from the pool), with the resend rule above.
 
-    Yields SEND, RECONNECT or a byte count to receive; returns status, body and whether the
+    Yields SEND, RECONNECT, CHECK or a byte count to receive; returns status, body and whether the
     connection may carry another request."""
     while True:
         try:
             yield SEND
-        except (ConnectionResetError, BrokenPipeError) as exc:
+        except Unsent as unsent:
             if not reused:
-                raise
-            # The request never arrived whole: no server can have processed it, whatever the method.
-            logger.debug("%s %s: kept-alive connection was closed (%s); new connection", method, url, exc)
+                raise unsent.cause from None
+            # Not one byte left: no server can have seen any of it, whatever the method.
+            logger.debug("%s %s: kept-alive connection was closed (%s); new connection", method, url, unsent)
             reused = False
             yield RECONNECT
             continue
+        except OSError as exc:
+            if not _broken(exc):
+                raise
+            # Part of the request left and the server may have acted on its head: read what it answered.
+            logger.debug("%s %s: the server stopped reading the request (%s); reading its answer", method, url, exc)
+            try:
+                status, body, _ = yield from read_response(method)
+            except Closed:
+                if reused and method in SAFE_METHODS:
+                    reused = False
+                    yield RECONNECT
+                    continue
+                raise DtmTransportError(
+                    f"{method} {url} failed: {exc}; the request may have been processed"
+                ) from None
+            return status, body, False
         try:
             return (yield from read_response(method))
         except Closed as exc:
@@ -338,7 +393,7 @@ def _chunked(buf: bytes) -> Reading:
         line, buf = yield from _line(buf)
         size_text = line.split(b";", 1)[0].strip()
         try:
-            if not size_text or size_text.lstrip(b"0123456789abcdefABCDEF"):
+            if not size_text or len(size_text) > 16 or size_text.lstrip(b"0123456789abcdefABCDEF"):
                 raise ValueError
             size = int(size_text, 16)
         except ValueError:
@@ -364,20 +419,61 @@ def _until_close(buf: bytes) -> Reading:
         parts.append(data)
 
 
-def decode_body(body: bytes, coding: bytes) -> bytes:
-    """Undo a gzip/deflate Content-Encoding (urllib3 does too, although identity was asked for)."""
+def _inflate(data: bytes, wbits: int, parts: list[bytes], total: int) -> Generator[int, Any, tuple[int, bytes]]:
+    """One zlib/gzip/raw-deflate stream of ``data`` into ``parts`` (at most :data:`MAX_DECODED` bytes
+    in all, :data:`CHECK` between steps): the total, and what follows the stream's end."""
+    d = zlib.decompressobj(wbits)
+    while True:
+        part = d.decompress(data, _DECODE_STEP)
+        total += len(part)
+        if total > MAX_DECODED:
+            raise DtmTransportError(f"the decoded response body is too large: over {MAX_DECODED} bytes")
+        parts.append(part)
+        data = d.unconsumed_tail
+        if d.eof:
+            return total, d.unused_data
+        if not data and not part:
+            raise DtmTransportError("the response body ends in the middle of its compressed stream")
+        if total > _DECODE_STEP:
+            yield CHECK
+
+
+def decode_body(body: bytes, coding: bytes) -> Generator[int, Any, bytes]:
+    """Undo a gzip (every member, as urllib3) or deflate Content-Encoding, which urllib3 does too
+    although identity was asked for; bounded by :data:`MAX_DECODED`, yielding :data:`CHECK`."""
     coding = coding.strip().lower()
+    parts: list[bytes] = []
     try:
         if coding in (b"gzip", b"x-gzip"):
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if coding == b"deflate":
+            total, rest = yield from _inflate(body, 16 + zlib.MAX_WBITS, parts, 0)
+            while rest:  # another member; garbage after a complete one is ignored, as urllib3 and gzip do
+                try:
+                    total, rest = yield from _inflate(rest, 16 + zlib.MAX_WBITS, parts, total)
+                except zlib.error:
+                    break
+        elif coding == b"deflate":
             try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, -zlib.MAX_WBITS)
+                yield from _inflate(body, zlib.MAX_WBITS, parts, 0)
+            except zlib.error:  # raw deflate without the zlib wrapper, as some servers send it
+                parts.clear()
+                yield from _inflate(body, -zlib.MAX_WBITS, parts, 0)
+        else:
+            return body
     except zlib.error as exc:
         raise DtmTransportError(f"cannot decode the {coding.decode('latin-1')} response body: {exc}") from exc
-    return body
+    return b"".join(parts)
+
+
+def _head_end(buf: bytes) -> tuple[int, int]:
+    """Where the head ends (at its first empty line, ending in CRLF or a bare LF as http.client
+    accepts) and the length of that line break plus the empty line; ``(-1, 0)`` if not yet there."""
+    crlf = buf.find(b"\n\r\n")  # a line, then an empty CRLF line (the usual \r\n\r\n included)
+    lf = buf.find(b"\n\n", 0, len(buf) if crlf < 0 else crlf + 2)  # an earlier empty bare-LF line
+    if lf >= 0:
+        return lf, 2
+    if crlf >= 0:
+        return (crlf - 1, 4) if buf[crlf - 1 : crlf] == b"\r" else (crlf, 3)
+    return -1, 0
 
 
 def read_response(method: str) -> Generator[int, bytes, tuple[int, bytes, bool]]:
@@ -390,10 +486,7 @@ def read_response(method: str) -> Generator[int, bytes, tuple[int, bytes, bool]]
     if not buf:
         raise Closed("the server closed the connection without answering")
     while True:  # the head; interim (1xx) answers are skipped
-        end = buf.find(b"\r\n\r\n")
-        skip = 4
-        if end < 0:
-            end, skip = buf.find(b"\n\n"), 2  # bare LF line ends, which http.client accepts too
+        end, skip = _head_end(buf)
         if end < 0:
             if len(buf) > MAX_HEADER_BYTES:
                 raise DtmTransportError("the response header is too long")
@@ -438,10 +531,9 @@ def read_response(method: str) -> Generator[int, bytes, tuple[int, bytes, bool]]
     if method == "HEAD" or status in (204, 304):
         body = b""
     elif te is not None:
-        if te.lower().rsplit(b",", 1)[-1].strip() == b"chunked":
-            body, buf = yield from _chunked(buf)
-        else:
-            body, buf, keep = (yield from _until_close(buf)), b"", False
+        if te.strip().lower() != b"chunked":  # gzip, chunked / identity / ...: not asked for, not decoded
+            raise DtmTransportError(f"unsupported response Transfer-Encoding {te[:40]!r}")
+        body, buf = yield from _chunked(buf)
         if b"content-length" in headers:
             keep = False  # both framings: answer read by Transfer-Encoding, connection not trusted again
     elif b"content-length" in headers:
@@ -460,5 +552,5 @@ def read_response(method: str) -> Generator[int, bytes, tuple[int, bytes, bool]]
         keep = False  # bytes after the answer: the connection is out of step
     coding = headers.get(b"content-encoding")
     if coding is not None and body:
-        body = decode_body(body, coding)
+        body = yield from decode_body(body, coding)
     return status, body, keep

@@ -23,10 +23,12 @@ transport when a proxy is configured, and :class:`Urllib3Transport` takes ``prox
 
 **A stale keep-alive connection** (the server closed it while it was idle) is detected before use
 with a zero-timeout poll and replaced. If a reused connection still fails, the request is sent again
-on a new connection only when the server cannot have processed it: the send itself failed (so the
-request never arrived complete), or the method is safe (GET, HEAD, OPTIONS) and not one byte of an
-answer came back. A POST (submit, prepare, ...) that was sent completely is never resent: its
-failure is raised and the client's flow decides (protocol.md §2).
+on a new connection only when the server cannot have seen it: the first ``send`` of the request was
+refused outright (not one byte left), or the method is safe (GET, HEAD, OPTIONS) and not one byte of
+an answer came back. Once a byte of a POST (submit, prepare, ...) left, it is never resent: when the
+rest cannot be written the server's early answer is read and returned (a 413, as urllib3 does), or
+the failure is a DtmTransportError (never DtmConnectError) and the client's flow decides
+(protocol.md §2). See :mod:`dtmcli._h11core` for this rule and the bounds on what a server sends.
 
 The HTTP/1.1 itself (request bytes, response parsing, that resend rule) is sans-I/O in
 :mod:`dtmcli._h11core`, shared with the asyncio twin :mod:`dtmcli.asyncio._http11`; this module is
@@ -43,9 +45,10 @@ import ssl
 import threading
 import time
 from typing import Any, Mapping, Optional
+from urllib.request import getproxies
 
 from . import _h11core as h11
-from ._h11core import FRAMING_HEADERS, MAX_HEADER_BYTES, RECONNECT, SEND
+from ._h11core import CHECK, FRAMING_HEADERS, MAX_HEADER_BYTES, RECONNECT, SEND
 from ._protocol import Response, redact_url
 from .errors import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
 
@@ -86,6 +89,18 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def warn_if_proxy(what: str) -> None:
+    """Log a WARNING when the environment configures a proxy, which the lean transports do not use
+    (the default transports pick a proxy-capable one then: this is an explicit choice)."""
+    names = sorted(k for k in getproxies() if k.lower() != "no")
+    if names:
+        logger.warning(
+            "%s connects directly: the proxy configured in the environment (%s) is not used; "
+            "unset DTMCLI_TRANSPORT / DTMCLI_ASYNC_TRANSPORT to get a transport that uses it",
+            what, ", ".join(f"{n}_proxy" for n in names),
+        )
 
 class _Conn:
     """One keep-alive connection: its socket and a poller to see it was closed while idle."""
@@ -137,6 +152,7 @@ class Http11Transport:
         self._idle: h11.IdleConnections[_Conn] = h11.IdleConnections()
         self._writer = h11.RequestWriter()
         self._pid = _pid
+        warn_if_proxy("Http11Transport")
 
     # -- connections -------------------------------------------------------------------------
 
@@ -237,17 +253,28 @@ class Http11Transport:
                         sock.settimeout(left)
                     elif op == SEND:
                         sock.settimeout(None)
+                    unsent = None
                     if op == SEND:
-                        sock.sendall(payload)
-                        if rest is not None:
-                            sock.sendall(rest)
+                        try:
+                            sent = sock.send(payload)
+                        except socket.timeout:
+                            raise
+                        except OSError as exc:  # refused outright: not one byte left
+                            unsent = h11.Unsent(exc)
+                        else:
+                            if sent < len(payload):
+                                sock.sendall(memoryview(payload)[sent:])
+                            if rest is not None:
+                                sock.sendall(rest)
+                        data = None
+                    elif op == CHECK:  # decoding: the deadline was checked above
                         data = None
                     else:
                         data = sock.recv(op)
                 except OSError as exc:  # the flow decides (resend or not); timeouts come back out
                     op = flow.throw(exc)
                 else:
-                    op = flow.send(data)
+                    op = flow.send(data) if unsent is None else flow.throw(unsent)
         except StopIteration as done:
             status, content, keep = done.value
             return status, content

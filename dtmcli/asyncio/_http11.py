@@ -6,10 +6,17 @@ per exchange. The decisions (request bytes, parsing, keep-alive, the resend rule
 shared with the blocking :class:`dtmcli._http11.Http11Transport`; this module only performs what
 the core's :func:`~dtmcli._h11core.exchange` asks for:
 
-* SEND: one ``transport.write`` (head and small body together). When the write fails at once
-  (reset, broken pipe: asyncio closes the transport before ``write`` returns) the error is thrown
-  into the flow, which resends only on a reused connection (the request never arrived whole).
-* receive: bytes are sent into the flow as they arrive; EOF as ``b""``; a reset thrown in.
+* SEND: one ``transport.write`` (head and small body together; a large body in a second one). When
+  the first write fails at once (reset, broken pipe: asyncio closes the transport before ``write``
+  returns, and its one ``send`` call took nothing) the flow gets :class:`~dtmcli._h11core.Unsent`
+  and resends only on a reused connection. When a later part fails (at once, or while asyncio
+  writes the rest) bytes of the request have left: the flow reads the server's early answer, or
+  fails with "may have been processed".
+* receive: bytes are sent into the flow as they arrive; EOF as ``b""``; a reset thrown in. When
+  asyncio drops a plain TCP connection on a write error it stops reading at once; what the server
+  answered before its reset is then still read from the socket (an early 413) before the error.
+* CHECK (decoding a large compressed body): nothing; the deadline is the caller's timer, so a
+  decode can overrun it by at most the time to decode :data:`~dtmcli._h11core.MAX_DECODED` bytes.
 * RECONNECT: the connection is dropped and a new one opened.
 
 An idle connection is stale (not reused) when the server sent anything or closed it while it was
@@ -25,13 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import os
 import select
 import ssl
 from collections import deque
 from typing import Any, Callable, Generator, Mapping, Optional, Union
 
 from .. import _h11core as h11
-from .._h11core import RECONNECT
+from .._h11core import CHECK, RECONNECT
+from .._http11 import warn_if_proxy
 from ..errors import DtmConnectError, DtmInvalidInput, DtmTransportError
 
 __all__ = ["Deadlines", "LoopPool", "send"]
@@ -78,7 +87,25 @@ class _Conn(asyncio.Protocol):
         elif exc is None:
             self._resume(b"", None)
         else:
-            self._resume(b"", exc)
+            self._drain()
+            if self.flow is not None:
+                self._resume(b"", exc)
+
+    def _drain(self) -> None:
+        """Read what is left in a plain TCP socket asyncio gave up on (a write error stops its reading):
+        the answer a server sent before resetting the connection. The socket is still open here."""
+        if self.raw is not self.transport or type(self.raw).__module__ != "asyncio.selector_events":
+            return  # TLS (the bytes need decrypting), or a loop that may have closed the fd already
+        sock = self.raw.get_extra_info("socket")
+        fd = -1 if sock is None else sock.fileno()
+        while fd >= 0 and self.flow is not None:
+            try:
+                data = os.read(fd, h11.RECV_SIZE)
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                return
+            if not data:
+                return
+            self._resume(data, None)
 
     # -- the exchange ---------------------------------------------------------------------------
 
@@ -92,6 +119,8 @@ class _Conn(asyncio.Protocol):
         assert flow is not None
         try:
             op = flow.send(data) if exc is None else flow.throw(exc)
+            while op == CHECK:  # a large decode: the deadline is the caller's timer
+                op = flow.send(None)
         except StopIteration as done:
             self._finish(done.value, None)
         except Exception as error:  # the parser's DtmTransportError, a reset mid-answer, ...
@@ -221,6 +250,7 @@ class LoopPool:
         self.busy = 0  # connections in use (or being opened)
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.closed = False
+        warn_if_proxy("AsyncHttp11Transport")
 
     async def acquire(self) -> None:
         """Wait for a free slot (a request in flight) when ``maxsize`` are taken."""
@@ -311,12 +341,21 @@ async def send(
                 continue
             attempt.may_be_sent = True  # SEND
             conn.transport.write(payload)
+            if conn.raw.is_closing():  # the first write failed at once: not one byte left
+                refused = ConnectionResetError("the connection was closed while the request was written")
+                op = flow.throw(h11.Unsent(refused))
+                continue
             if rest is not None:
                 conn.transport.write(rest)
-            if conn.raw.is_closing():  # the write failed at once: the request did not leave whole
-                op = flow.throw(ConnectionResetError("the connection was closed while the request was written"))
+                if conn.raw.is_closing():  # part of it left: the flow reads an early answer, or fails
+                    broken = ConnectionResetError("the connection was reset while the request body was written")
+                    op = flow.throw(broken)
+                else:
+                    op = flow.send(None)
+            else:
+                op = flow.send(None)  # now waiting for the answer's first bytes
+            if op == RECONNECT:
                 continue
-            flow.send(None)  # now waiting for the answer's first bytes
             outcome = await conn.receive(flow)
             if isinstance(outcome, int):
                 op = outcome
