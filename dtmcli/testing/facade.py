@@ -45,11 +45,15 @@ class DtmFacade:
         """The transaction with its branches, ``None`` when unknown."""
         return self.client.query(gid)
 
-    def wait_status(self, gid: str, statuses: Iterable[str] = ("succeed", "failed"), timeout: float = 10.0
-                    ) -> Transaction:
-        """Poll until ``gid`` reaches one of ``statuses``; TimeoutError (with the last status) otherwise."""
+    def wait_status(self, gid: str, statuses: Iterable[str] = ("succeed", "failed"),
+                    timeout: Optional[float] = None) -> Transaction:
+        """Poll until ``gid`` reaches one of ``statuses``; TimeoutError (with the last status) otherwise.
+
+        ``timeout`` defaults to 10 s in process and 30 s against a real server, whose cron works through
+        one due transaction at a time (a backlog of retries from earlier tests delays the next one)."""
         if self.server is not None:
-            return self.server.wait_status(gid, statuses, timeout)
+            return self.server.wait_status(gid, statuses, 10.0 if timeout is None else timeout)
+        timeout = 30.0 if timeout is None else timeout
         wanted = set(statuses)
         deadline = time.monotonic() + timeout
         while True:
