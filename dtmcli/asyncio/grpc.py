@@ -292,7 +292,15 @@ def as_async_grpc_client(dtm: Any) -> AsyncDtmGrpcClient:
 AsyncDtmGrpcLike = Union[str, AsyncDtmGrpcClient]
 
 
-class Saga(GrpcSagaCore, _saga.Saga):
+class _AsyncGrpc:
+    """The builders below take a gRPC target or an :class:`AsyncDtmGrpcClient`."""
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_async_grpc_client(dtm)
+
+
+class Saga(_AsyncGrpc, GrpcSagaCore, _saga.Saga):
     """A saga over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Saga`)."""
 
     client: AsyncDtmGrpcClient  # type: ignore[assignment]
@@ -301,12 +309,8 @@ class Saga(GrpcSagaCore, _saga.Saga):
         target: Any = dtm
         super().__init__(target, gid, **options)
 
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_async_grpc_client(dtm)
 
-
-class Msg(GrpcMsgCore, _msg.Msg):
+class Msg(_AsyncGrpc, GrpcMsgCore, _msg.Msg):
     """A 2-phase message over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Msg`)."""
 
     client: AsyncDtmGrpcClient  # type: ignore[assignment]
@@ -315,12 +319,8 @@ class Msg(GrpcMsgCore, _msg.Msg):
         target: Any = dtm
         super().__init__(target, gid, **options)
 
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_async_grpc_client(dtm)
 
-
-class Tcc(GrpcTccCore, _tcc.Tcc):
+class Tcc(_AsyncGrpc, GrpcTccCore, _tcc.Tcc):
     """A TCC over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Tcc`)."""
 
     client: AsyncDtmGrpcClient  # type: ignore[assignment]
@@ -329,10 +329,6 @@ class Tcc(GrpcTccCore, _tcc.Tcc):
         target: Any = dtm
         super().__init__(target, gid, **options)
 
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_async_grpc_client(dtm)
-
     async def call_branch(
         self, payload: Any, try_url: str, confirm_url: str, cancel_url: str, reply: Reply = None
     ) -> Any:
@@ -340,7 +336,7 @@ class Tcc(GrpcTccCore, _tcc.Tcc):
         return await self._drive(self._call_grpc_branch_flow(payload, try_url, confirm_url, cancel_url, reply))
 
 
-class Xa(GrpcXaCore, _xa.Xa):
+class Xa(_AsyncGrpc, GrpcXaCore, _xa.Xa):
     """An XA global transaction over DTM's gRPC API, for asyncio code (see :class:`dtmcli.grpc.Xa`)."""
 
     client: AsyncDtmGrpcClient  # type: ignore[assignment]
@@ -348,10 +344,6 @@ class Xa(GrpcXaCore, _xa.Xa):
     def __init__(self, dtm: AsyncDtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
         target: Any = dtm
         super().__init__(target, gid, **options)
-
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_async_grpc_client(dtm)
 
     async def call_branch(self, payload: Any, url: str, reply: Reply = None) -> Any:
         """Call the branch's action; return its reply (see :meth:`dtmcli.grpc.Xa.call_branch`)."""

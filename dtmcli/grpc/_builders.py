@@ -19,7 +19,15 @@ __all__ = ["Msg", "Saga", "Tcc", "Xa", "register_xa_branch", "tcc_global_transac
 R = TypeVar("R")
 
 
-class Saga(GrpcSagaCore, _saga.Saga):
+class _BlockingGrpc:
+    """The builders below take a gRPC target or a :class:`DtmGrpcClient`."""
+
+    @staticmethod
+    def _as_client(dtm: Any) -> ClientBase:
+        return as_grpc_client(dtm)
+
+
+class Saga(_BlockingGrpc, GrpcSagaCore, _saga.Saga):
     """A saga over DTM's gRPC API (Go's ``dtmgrpc.NewSagaGrpc``).
 
     >>> Saga("localhost:36790", gid).add("busi:50589/busi.Busi/TransOut", "busi:50589/busi.Busi/TransOutRevert",
@@ -33,15 +41,11 @@ class Saga(GrpcSagaCore, _saga.Saga):
     client: DtmGrpcClient  # type: ignore[assignment]
 
     def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
-        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        target: Any = dtm  # a gRPC target or client, for _BlockingGrpc._as_client
         super().__init__(target, gid, **options)
 
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_grpc_client(dtm)
 
-
-class Msg(GrpcMsgCore, _msg.Msg):
+class Msg(_BlockingGrpc, GrpcMsgCore, _msg.Msg):
     """A 2-phase message over DTM's gRPC API (Go's ``dtmgrpc.NewMsgGrpc``).
 
     ``add(url, message)``, ``prepare(query_prepared_url)``, ``submit()``, ``abort()`` and
@@ -53,15 +57,11 @@ class Msg(GrpcMsgCore, _msg.Msg):
     client: DtmGrpcClient  # type: ignore[assignment]
 
     def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
-        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        target: Any = dtm  # a gRPC target or client, for _BlockingGrpc._as_client
         super().__init__(target, gid, **options)
 
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_grpc_client(dtm)
 
-
-class Tcc(GrpcTccCore, _tcc.Tcc):
+class Tcc(_BlockingGrpc, GrpcTccCore, _tcc.Tcc):
     """A TCC over DTM's gRPC API (Go's ``dtmgrpc.TccGlobalTransaction`` / ``TccFromGrpc``).
 
     Usually driven by :func:`tcc_global_transaction`. ``Tcc.from_grpc(context)`` continues the
@@ -71,12 +71,8 @@ class Tcc(GrpcTccCore, _tcc.Tcc):
     client: DtmGrpcClient  # type: ignore[assignment]
 
     def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
-        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        target: Any = dtm  # a gRPC target or client, for _BlockingGrpc._as_client
         super().__init__(target, gid, **options)
-
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_grpc_client(dtm)
 
     def call_branch(
         self, payload: Any, try_url: str, confirm_url: str, cancel_url: str, reply: Reply = None
@@ -91,18 +87,14 @@ class Tcc(GrpcTccCore, _tcc.Tcc):
         return self._drive(self._call_grpc_branch_flow(payload, try_url, confirm_url, cancel_url, reply))
 
 
-class Xa(GrpcXaCore, _xa.Xa):
+class Xa(_BlockingGrpc, GrpcXaCore, _xa.Xa):
     """An XA global transaction over DTM's gRPC API (Go's ``dtmgrpc.XaGlobalTransaction``)."""
 
     client: DtmGrpcClient  # type: ignore[assignment]
 
     def __init__(self, dtm: DtmGrpcLike, gid: Optional[str] = None, **options: Any) -> None:
-        target: Any = dtm  # a gRPC target or client: _as_client below, not the HTTP parent's
+        target: Any = dtm  # a gRPC target or client, for _BlockingGrpc._as_client
         super().__init__(target, gid, **options)
-
-    @staticmethod
-    def _as_client(dtm: Any) -> ClientBase:
-        return as_grpc_client(dtm)
 
     def call_branch(self, payload: Any, url: str, reply: Reply = None) -> Any:
         """Call the branch's action (``dtm-op`` action, ``dtm-phase2_url`` = ``url``); return its reply
