@@ -189,6 +189,25 @@ def _undo(store: StoreErrors, exc: BaseException, what: str) -> Flow[NoReturn]:
     raise exc
 
 
+def _rolled_back_on_error(store: StoreErrors, steps: Flow[R], what: str) -> Flow[R]:
+    """``steps`` inside the open local transaction, rolled back if they fail: a DtmError (the store's own
+    typed refusal) is re-raised as it is, anything else as :func:`_undo` raises it."""
+    try:
+        return (yield from steps)
+    except GeneratorExit:
+        raise
+    except DtmError as exc:
+        yield StoreOp("rollback", exc)
+        raise
+    except BaseException as exc:
+        return (yield from _undo(store, exc, what))
+
+
+def _step(op: StoreOp) -> Flow[Any]:
+    """One store effect as a flow."""
+    return (yield op)
+
+
 def barrier_flow(
     store: StoreErrors,
     barrier: BarrierIdentity,
@@ -265,24 +284,11 @@ def barrier_flow(
         if getattr(store, "recheck_row", False):
             # The database may have rolled the whole transaction back under the business function
             # (MySQL: a deadlock the business code caught): the row inserted above is then gone.
-            try:
-                yield StoreOp("require_row", barrier.gid, barrier.branch_id, barrier.op, bid)
-            except GeneratorExit:
-                raise
-            except DtmError as exc:
-                yield StoreOp("rollback", exc)
-                raise
-            except BaseException as exc:
-                yield from _undo(store, exc, "commit")
-    try:
-        yield StoreOp("commit")
-    except GeneratorExit:
-        raise
-    except DtmError as exc:  # the store refused to commit (an aborted or rolled-back transaction)
-        yield StoreOp("rollback", exc)
-        raise
-    except BaseException as exc:
-        yield from _undo(store, exc, "commit")
+            yield from _rolled_back_on_error(
+                store, _step(StoreOp("require_row", barrier.gid, barrier.branch_id, barrier.op, bid)), "commit"
+            )
+    # A DtmError here is the store refusing to commit (an aborted or rolled-back transaction).
+    yield from _rolled_back_on_error(store, _step(StoreOp("commit")), "commit")
     return result
 
 
@@ -339,18 +345,13 @@ def prepared_flow(store: StoreErrors, trans_type: str, gid: str) -> Flow[None]:
         if isinstance(exc, Exception):
             raise store.map_error(exc, "query_prepared") from exc
         yield from _undo(store, exc, "query_prepared")
-    try:
+    def mark_and_read() -> Flow[Optional[str]]:
         yield StoreOp("insert_if_absent", trans_type, gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID, REASON_ROLLBACK)
-        reason = yield StoreOp("read_reason", gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID)
+        reason: Optional[str] = yield StoreOp("read_reason", gid, MSG_BRANCH_ID, OP_MSG, MSG_BARRIER_ID)
         yield StoreOp("commit")
-    except GeneratorExit:
-        raise
-    except DtmError as exc:
-        yield StoreOp("rollback", exc)
-        raise
-    except BaseException as exc:
-        yield from _undo(store, exc, "query_prepared")
-    settle_prepared(reason, gid)
+        return reason
+
+    settle_prepared((yield from _rolled_back_on_error(store, mark_and_read(), "query_prepared")), gid)
 
 
 def settle_prepared(reason: Optional[str], gid: str) -> None:
