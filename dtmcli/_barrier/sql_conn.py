@@ -221,6 +221,39 @@ def mysql_autocommit(raw: Any) -> Optional[bool]:
     return None
 
 
+def dbapi_autocommit(raw: Any, dialect: Any = None) -> Optional[bool]:
+    """Whether a driver connection commits every statement on its own; ``None`` when it cannot tell.
+
+    ``raw`` is a DB-API connection or SQLAlchemy's adapted async one; ``dialect``, a SQLAlchemy dialect,
+    is asked first where it can tell (SQLAlchemy >= 2.1). Then ``get_autocommit()`` (PyMySQL,
+    mysqlclient, aiomysql: the server status of the last answer), a boolean ``autocommit`` (psycopg2,
+    psycopg, SQLAlchemy's asyncpg adapter; mysql-connector asks its server), mysql-connector's C extension.
+    """
+    detect = getattr(dialect, "detect_autocommit_setting", None)
+    if callable(detect):
+        try:
+            return bool(detect(raw))
+        except NotImplementedError:
+            pass
+    get = getattr(raw, "get_autocommit", None)
+    if callable(get):
+        return bool(get())
+    value = getattr(raw, "autocommit", None)
+    if isinstance(value, bool):
+        return value
+    return mysql_autocommit(raw)
+
+
+def autocommit_refused() -> DtmInvalidInput:
+    """The error for a SQLAlchemy connection or session in AUTOCOMMIT mode, raised before anything is written."""
+    return DtmInvalidInput(
+        "the SQLAlchemy connection is in AUTOCOMMIT mode: the barrier rows and the business writes would each "
+        "commit on their own, and a failure half-way would leave the barrier marking work done that was not; "
+        "use a connection with a transactional isolation level, e.g. "
+        "conn.execution_options(isolation_level='READ COMMITTED')"
+    )
+
+
 def is_aborted(raw: Any, conn: Any = None) -> bool:
     """Whether the PostgreSQL transaction on driver connection ``raw`` is aborted (psycopg2, psycopg 3
     blocking or async), or ``conn`` is marked for rollback (Django). No round trip."""
@@ -522,8 +555,22 @@ class _SqlAlchemyAdapter(_Adapter):
         self._trans: Any = None
 
     def begin(self) -> None:
-        nested = savepoint_plan(self.conn.in_transaction(), self.join)
-        self._trans = self.conn.begin_nested() if nested else self.conn.begin()
+        # In AUTOCOMMIT mode begin() opens nothing on the database and every statement commits alone.
+        if savepoint_plan(self.conn.in_transaction(), self.join):
+            self._refuse_autocommit()
+            self._trans = self.conn.begin_nested()
+            return
+        self._trans = self.conn.begin()  # sends nothing yet: a Session's connection() needs it first
+        try:
+            self._refuse_autocommit()
+        except BaseException:
+            self._trans.rollback()
+            raise
+
+    def _refuse_autocommit(self) -> None:
+        bind = self.conn.get_bind() if hasattr(self.conn, "get_bind") else self.conn
+        if dbapi_autocommit(self.dbapi_connection(), bind.dialect):
+            raise autocommit_refused()
 
     def commit(self) -> None:
         self.refuse_aborted()

@@ -30,8 +30,10 @@ from .._barrier.sql_conn import (
     _is_factory,
     _to_named,
     aborted_error,
+    autocommit_refused,
     begin_plan,
     claimed,
+    dbapi_autocommit,
     is_aborted,
     mysql_autocommit_switch,
     normalize_dialect,
@@ -302,10 +304,25 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         self._raw: Any = None
 
     async def begin(self) -> None:
-        nested = savepoint_plan(self.conn.in_transaction(), self.join)
-        self._trans = await (self.conn.begin_nested() if nested else self.conn.begin())
+        # In AUTOCOMMIT mode begin() opens nothing on the database and every statement commits alone.
+        if savepoint_plan(self.conn.in_transaction(), self.join):
+            await self._refuse_autocommit()
+            self._trans = await self.conn.begin_nested()
+            return
+        self._trans = await self.conn.begin()  # sends nothing yet: a session's connection() needs it first
+        try:
+            await self._refuse_autocommit()
+        except BaseException:
+            await self._trans.rollback()
+            raise
+
+    async def _refuse_autocommit(self) -> None:
+        """Also keeps the driver connection for :meth:`dbapi_connection`."""
         sa_conn = await self.conn.connection() if self._session else self.conn
-        self._raw = sa_conn.sync_connection.connection.driver_connection
+        pooled = sa_conn.sync_connection.connection
+        self._raw = pooled.driver_connection
+        if dbapi_autocommit(pooled.dbapi_connection, self._bind.dialect):
+            raise autocommit_refused()
 
     async def commit(self) -> None:
         await self.refuse_aborted()
