@@ -303,7 +303,7 @@ def main() -> None:
             proc.kill()
             proc.wait()
     # The best round of each cell: load from other processes only ever lowers a throughput.
-    rates = [max(rate_runs[cell], key=lambda r: r["rate"]) for cell in cells]
+    rates = [max(rate_runs[cell], key=lambda r: r["rate"]) for cell in cells] if args.rate_rounds > 0 else []
 
     def med(client: str, key: str) -> float:
         return float(statistics.median(r[key] for r in cpu[client]))
@@ -316,6 +316,8 @@ def main() -> None:
         print(f"{client:15} {cpu[client][0]['transport']:20} " + " ".join(
             f"{med(client, k):7.0f}" for k in ("cpu_us", "mean_us", "p50_us", "p99_us"))
             + f" {med(client, 'cpu_us') / med('sync', 'cpu_us'):8.2f}x")
+    if not rates:  # --rate-rounds 0: the CPU cells only
+        return
 
     print(f"\n2. throughput, 2-step saga submits per second, {args.seconds:g} s per cell, "
           f"best of {args.rate_rounds} rounds; the sink answers after {args.latency * 1e3:g} ms")
@@ -336,6 +338,9 @@ def main() -> None:
         print(f"  {client}: 256 in flight {at256['rate']:.0f}/s ({at256['threads']} thread(s) alive) "
               f"-> {at256['rate'] / best_sync['rate']:.2f}x the best sync pool; best {best['rate']:.0f}/s "
               f"at {best['concurrency']} in flight -> {best['rate'] / best_sync['rate']:.2f}x")
+        print(f"  {client}: cpu per submit / the sync pool's least: " + ", ".join(
+            f"{r['cpu_us'] / min(s['cpu_us'] for s in rates if s['client'] == 'sync'):.2f}x at {r['concurrency']}"
+            for r in mine))
 
 if __name__ == "__main__":
     main()

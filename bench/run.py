@@ -13,6 +13,7 @@ SCRIPTS = [
     ["tracing_overhead.py", "--n", "2000", "--rounds", "3"],
     ["grpc_vs_http.py", "--n", "2000", "--rounds", "3"],
     ["barrier_overhead.py", "--seconds", "2"],
+    ["barrier_latency.py", "--n", "1000"],
     ["e2e_throughput.py", "--seconds", "3"],
 ]
 
