@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 from ._barrier.branch_barrier import BranchBarrier
 from ._barrier.core import validate_table
 from ._barrier.sql_conn import _is_factory as is_factory
+from ._barrier.sql_conn import is_django_source
 from ._consts import RESULT_SUCCESS
 from ._dbkind import ASYNC, SYNC, async_backend_supports, kind_of
 from .branch import (
@@ -318,8 +319,10 @@ def barrier(
             if backend == "mongo":
                 return _answer(bb.mongo_call(conn_source, busi))
             # The answer goes to DTM as soon as the call returns: the barrier must own a transaction that
-            # is committed by then, not a savepoint of one the caller may never commit.
-            return _answer(bb.call_with_db(conn_source, busi, dialect=dialect, join_transaction=False))
+            # is committed by then, not a savepoint of one the caller may never commit. Django is the
+            # exception: its response leaves only after the request's atomic blocks (ATOMIC_REQUESTS) end.
+            joins = is_django_source(conn_source)
+            return _answer(bb.call_with_db(conn_source, busi, dialect=dialect, join_transaction=joins))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             info = kwargs.pop("info", None)

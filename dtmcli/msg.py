@@ -247,6 +247,10 @@ class Msg(MsgCore, TransBase):
 
         ``busi_call(conn)`` runs in one local transaction that also inserts the barrier row
         (gid, 00, msg, 01), so :func:`dtmcli.barrier.query_prepared` can tell DTM whether it
-        committed. ``conn`` is anything :meth:`BranchBarrier.call_with_db` accepts.
+        committed. ``conn`` is anything :meth:`BranchBarrier.call_with_db` accepts; the transaction must be
+        the barrier's own, since the submit follows at once: a SQLAlchemy Connection/Session with a
+        transaction open, or a Django connection inside ``transaction.atomic()``, is refused (DtmInvalidInput).
         """
-        return self.prepare_and_submit(query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call))
+        return self.prepare_and_submit(
+            query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call, join_transaction=False)
+        )

@@ -405,7 +405,7 @@ def barrier_preflight(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optiona
     """
     validate_table(table)
     with connection_from(conn) as c:
-        adapter = adapt(c, dialect)
+        adapter = adapt(c, dialect, atomic=False)
         was_open = isinstance(adapter, _DbApiAdapter) and adapter._in_transaction()
         try:
             findings = _check(adapter, table)
@@ -584,8 +584,12 @@ class SqlStoreBase:
         return _row_id_tables.get((*self.adapter.target(), self.table), False)
 
     def note_insert(self, key: tuple[str, str, str, str], affected: int) -> None:
-        """After a single-row INSERT: remember the id of the row it created (MySQL ``lastrowid``, read
-        from the answer to the INSERT itself), for the row check at commit."""
+        """After a single-row INSERT: refuse a row count other than 0 or 1 (a driver that cannot tell, e.g.
+        -1: the decision would take an unknown for a new row); remember the id of the row it created
+        (MySQL ``lastrowid``, read from the answer to the INSERT itself), for the row check at commit."""
+        if affected not in (0, 1):
+            raise BarrierDatabaseError(f"the barrier INSERT answered {affected} rows changed, not 0 or 1: cannot "
+                                       "tell whether the row was new")
         if affected == 1 and self._table_has_id():
             self._note_row_id(key, getattr(self.adapter, "last_id", None))
 
@@ -757,7 +761,7 @@ def query_prepared(
     """
     validate_table(table)
     with connection_from(conn) as c, claimed(c, threading.get_ident()):
-        store = _SqlStore(c, adapt(c, dialect), table, msg_where(gid))
+        store = _SqlStore(c, adapt(c, dialect, atomic=False), table, msg_where(gid))
         _flow.run(prepared_flow(store, trans_type, gid), store)
 
 
@@ -768,7 +772,7 @@ def create_schema(conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[st
     left as it is: :func:`barrier_preflight` reports one whose keys compare case-insensitively.
     """
     validate_table(table)
-    adapter = adapt(conn, dialect)
+    adapter = adapt(conn, dialect, atomic=False)
     try:
         adapter.begin()
         flavour = adapter.dialect

@@ -254,6 +254,42 @@ def autocommit_refused() -> DtmInvalidInput:
     )
 
 
+def refuse_pipeline(raw: Any) -> None:
+    """Refuse a psycopg 3 connection in pipeline mode (DtmInvalidInput), before anything is sent.
+
+    Inside ``conn.pipeline()`` a statement's row count is unknown (-1) until the pipeline syncs, so
+    the barrier could not tell a first delivery from a duplicate, a repeated msg or a late Try.
+    """
+    status = getattr(getattr(raw, "pgconn", None), "pipeline_status", 0)
+    if int(status) != 0:  # pq.PipelineStatus.OFF
+        raise DtmInvalidInput(
+            "the psycopg connection is in pipeline mode: row counts are unknown until the pipeline syncs, and "
+            "the barrier must know whether its row was new before running the business function; call the "
+            "barrier outside conn.pipeline()"
+        )
+
+
+def django_transaction_error(in_atomic: bool) -> DtmInvalidInput:
+    """The error for a Django connection whose transaction the barrier cannot rely on being committed."""
+    if in_atomic:
+        return DtmInvalidInput(
+            "the Django connection is inside transaction.atomic(): the barrier would only release a savepoint, and "
+            "its work commits when (and if) the caller's block does; call it outside atomic blocks"
+        )
+    return DtmInvalidInput(
+        "the Django connection has autocommit turned off (transaction.set_autocommit(False)) outside any atomic "
+        "block: nothing would commit the barrier's work when the call ends; use transaction.atomic() or turn "
+        "autocommit back on"
+    )
+
+
+def is_django_source(db: Any) -> bool:
+    """Whether ``db`` names or is a Django connection (``"django"``, ``"django:<alias>"``, a connection)."""
+    if isinstance(db, str):
+        return db == "django" or db.startswith("django:")
+    return type(db).__module__.split(".")[0] == "django"
+
+
 def is_aborted(raw: Any, conn: Any = None) -> bool:
     """Whether the PostgreSQL transaction on driver connection ``raw`` is aborted (psycopg2, psycopg 3
     blocking or async), or ``conn`` is marked for rollback (Django). No round trip."""
@@ -450,6 +486,7 @@ class _DbApiAdapter(_Adapter):
 
     def begin(self) -> None:
         if self.driver in _PG_DRIVERS:
+            refuse_pipeline(self.conn)
             if begin_plan(True, self._in_transaction(), bool(self.conn.autocommit)) == AUTOCOMMIT_OFF:
                 self._restore_autocommit = True
                 self.conn.autocommit = False
@@ -547,11 +584,12 @@ def _to_named(sql: str) -> str:
 class _SqlAlchemyAdapter(_Adapter):
     """A SQLAlchemy Connection or Session: join its transaction through a savepoint, or own one."""
 
-    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> None:
         self.conn = conn
         bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
         self.dialect = normalize_dialect(dialect or bind.dialect.name)
         self.join = join
+        self.atomic = atomic
         self._trans: Any = None
 
     def begin(self) -> None:
@@ -569,7 +607,7 @@ class _SqlAlchemyAdapter(_Adapter):
 
     def _refuse_autocommit(self) -> None:
         bind = self.conn.get_bind() if hasattr(self.conn, "get_bind") else self.conn
-        if dbapi_autocommit(self.dbapi_connection(), bind.dialect):
+        if self.atomic and dbapi_autocommit(self.dbapi_connection(), bind.dialect):
             raise autocommit_refused()
 
     def commit(self) -> None:
@@ -604,16 +642,23 @@ class _SqlAlchemyAdapter(_Adapter):
 class _DjangoAdapter(_Adapter):
     """A Django connection: runs inside ``transaction.atomic`` (a savepoint when already in one)."""
 
-    def __init__(self, conn: Any, dialect: Optional[str]) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> None:
         from django.db import connections
 
         self.conn = connections[conn.alias]
         self.dialect = normalize_dialect(dialect or self.conn.vendor)
+        self.join = join
+        self.atomic = atomic
         self._atomic: Any = None
 
     def begin(self) -> None:
         from django.db import transaction
 
+        in_atomic = bool(self.conn.in_atomic_block)
+        if self.atomic and not in_atomic and not self.conn.get_autocommit():
+            raise django_transaction_error(False)  # Django's atomic() would then leave the commit to nobody
+        if in_atomic and not self.join:
+            raise django_transaction_error(True)
         self._atomic = transaction.atomic(using=self.conn.alias)
         self._atomic.__enter__()
 
@@ -652,10 +697,13 @@ def detect_dialect(conn: Any) -> str:
     return adapt(conn, None).dialect
 
 
-def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _Adapter:
+def adapt(conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> _Adapter:
     """The adapter for ``conn``; ``dialect`` overrides detection (needed for unknown DB-API drivers).
 
-    ``join=False`` refuses a SQLAlchemy Connection/Session with a transaction open (see :func:`savepoint_plan`).
+    ``join=False`` refuses a SQLAlchemy Connection/Session with a transaction open (see :func:`savepoint_plan`)
+    and a Django connection inside an atomic block. ``atomic=False`` (msg ``query_prepared``, whose statements
+    are each correct on their own) accepts a SQLAlchemy connection in AUTOCOMMIT mode and a Django connection
+    with autocommit off, which the barrier's own transaction refuses.
     """
     module = type(conn).__module__
     top = module.split(".")[0]
@@ -665,9 +713,9 @@ def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _Adapter:
             "use dtmcli.asyncio.BranchBarrier (await bb.call(conn, busi))"
         )
     if top == "sqlalchemy":
-        return _SqlAlchemyAdapter(conn, dialect, join)
+        return _SqlAlchemyAdapter(conn, dialect, join, atomic)
     if top == "django":
-        return _DjangoAdapter(conn, dialect)
+        return _DjangoAdapter(conn, dialect, join, atomic)
     if top in _MYSQL_DRIVERS:
         return _DbApiAdapter(conn, normalize_dialect(dialect or MYSQL))
     if top in _PG_DRIVERS:

@@ -38,6 +38,7 @@ from .._barrier.sql_conn import (
     mysql_autocommit_switch,
     normalize_dialect,
     raw_target,
+    refuse_pipeline,
     row_values,
     savepoint_plan,
 )
@@ -177,6 +178,7 @@ class _PsycopgAdapter(_AsyncAdapter):
         self._restore_autocommit = False
 
     async def begin(self) -> None:
+        refuse_pipeline(self.conn)
         in_transaction = int(self.conn.info.transaction_status) != 0  # pq.TransactionStatus.IDLE
         if begin_plan(True, in_transaction, bool(self.conn.autocommit)) == AUTOCOMMIT_OFF:
             await self.conn.set_autocommit(False)
@@ -294,8 +296,9 @@ class _AiomysqlAdapter(_AsyncAdapter):
 class _SqlAlchemyAdapter(_AsyncAdapter):
     """A SQLAlchemy ``AsyncConnection`` or ``AsyncSession``: join its transaction through a savepoint, or own one."""
 
-    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> None:
         self.conn = conn
+        self.atomic = atomic
         self._session = hasattr(conn, "sync_session")
         self._bind = conn.sync_session.get_bind() if self._session else conn
         self.dialect = normalize_dialect(dialect or self._bind.dialect.name)
@@ -321,7 +324,7 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         sa_conn = await self.conn.connection() if self._session else self.conn
         pooled = sa_conn.sync_connection.connection
         self._raw = pooled.driver_connection
-        if dbapi_autocommit(pooled.dbapi_connection, self._bind.dialect):
+        if self.atomic and dbapi_autocommit(pooled.dbapi_connection, self._bind.dialect):
             raise autocommit_refused()
 
     async def commit(self) -> None:
@@ -352,11 +355,12 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
         return [tuple(row) for row in (await self._run(sql, params)).fetchall()]
 
 
-def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _AsyncAdapter:
+def adapt(conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> _AsyncAdapter:
     """The asyncio adapter for ``conn``; a blocking connection is refused (DtmInvalidInput) before any I/O.
 
     ``join=False`` refuses a SQLAlchemy AsyncConnection/AsyncSession with a transaction open
-    (:func:`~dtmcli._barrier.sql_conn.savepoint_plan`).
+    (:func:`~dtmcli._barrier.sql_conn.savepoint_plan`); ``atomic=False`` (msg ``query_prepared``) accepts
+    one in AUTOCOMMIT mode.
     """
     module, name = type(conn).__module__, type(conn).__name__
     top = module.split(".")[0]
@@ -367,7 +371,7 @@ def adapt(conn: Any, dialect: Optional[str], join: bool = True) -> _AsyncAdapter
     elif top == "psycopg" and name.startswith("Async"):
         adapter = _PsycopgAdapter(conn)
     elif module.startswith("sqlalchemy.ext.asyncio"):
-        return _SqlAlchemyAdapter(conn, dialect, join)
+        return _SqlAlchemyAdapter(conn, dialect, join, atomic)
     elif kind_of(module, name) == SYNC:
         raise DtmInvalidInput(
             f"{module}.{name} is a blocking connection: the asyncio barrier would block the event loop on it; "
@@ -534,6 +538,6 @@ async def query_prepared(
     """The msg ``query_prepared`` check on an async database source; raises DtmFailure when rolled back."""
     validate_table(table)
     async with connection_from(db) as conn:
-        store = _AsyncSqlStore(conn, adapt(conn, dialect), table, msg_where(gid))
+        store = _AsyncSqlStore(conn, adapt(conn, dialect, atomic=False), table, msg_where(gid))
         with claimed(conn, asyncio.current_task()):
             await _flow.arun(prepared_flow(store, trans_type, gid), store)

@@ -65,9 +65,10 @@ class Msg(MsgCore, AsyncTransBase):
         """:meth:`prepare_and_submit` with the local work in an async SQL barrier transaction.
 
         ``await busi_call(tx)`` runs in one local transaction on ``conn`` (asyncpg, psycopg
-        ``AsyncConnection``, aiomysql, SQLAlchemy async) that also inserts the msg barrier row.
+        ``AsyncConnection``, aiomysql, SQLAlchemy async) that also inserts the msg barrier row; it must be the
+        barrier's own transaction (a SQLAlchemy AsyncConnection/AsyncSession with one open is refused).
         """
         result: Optional[R] = await self.prepare_and_submit(
-            query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call)
+            query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call, join_transaction=False)
         )
         return result
