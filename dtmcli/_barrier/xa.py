@@ -139,7 +139,8 @@ def phase2_info(query: Any, table: str) -> BranchInfo:
 # None), ``exec_shielded(sql)`` (the same, run to its end even when an asyncio caller is cancelled
 # meanwhile: the XA start and the abort), ``refuse_aborted()`` (PostgreSQL: raise when the
 # transaction is aborted), ``execute(sql, params)`` (the row count), ``fetch_one`` and
-# ``fetch_all(sql, params)``, ``commit()``, ``rollback()``; and ``transport`` for registerBranch.
+# ``fetch_all(sql, params)``, ``commit()``, ``rollback()``; and ``transport`` (HTTP) or ``grpc_io`` (gRPC)
+# for registerBranch.
 # The asyncio driver also runs ``set_autocommit`` to its end, so the caller's setting is restored.
 
 
@@ -391,12 +392,14 @@ def _dbapi(conn: Any, dialect: Optional[str]) -> _DbApiAdapter:
 
 
 class _XaIO:
-    """The blocking I/O of the XA flows: one DB-API connection, and a DtmClient's transport."""
+    """The blocking I/O of the XA flows: one DB-API connection, and the DTM client's ``transport``
+    (HTTP Request effects) or ``grpc_io`` (the DtmCall effects of a gRPC client's registerBranch)."""
 
-    def __init__(self, adapter: _DbApiAdapter, transport: Any = None) -> None:
+    def __init__(self, adapter: _DbApiAdapter, transport: Any = None, grpc_io: Any = None) -> None:
         self.adapter = adapter
         self.conn = adapter.conn
         self.transport = transport
+        self.grpc_io = grpc_io
 
     def set_autocommit(self, on: bool) -> Optional[bool]:
         conn, driver = self.conn, self.adapter.driver
@@ -486,23 +489,33 @@ def xa_local_transaction(
     quietly roll it back: that is refused before registering (BarrierDatabaseError), as is a
     PREPARE the server answers with ROLLBACK; let such errors propagate, or use a savepoint.
     """
-    with connection_from(conn) as dedicated:
-        return _local_transaction(query, dedicated, busi, dtm=dtm, table=table, dialect=dialect)
+    from ..client import as_client
+
+    return _local_transaction(query, conn, busi, dtm=dtm, table=table, dialect=dialect, as_dtm=as_client)
 
 
 def _local_transaction(
-    query: Any, conn: Any, busi: Callable[[Any], R], *, dtm: Optional[DtmLike], table: str, dialect: Optional[str]
+    query: Any,
+    conn: Any,
+    busi: Callable[[Any], R],
+    *,
+    dtm: Any,
+    table: str,
+    dialect: Optional[str],
+    as_dtm: Callable[[Any], Any],
 ) -> R:
-    from ..client import as_client
+    """:func:`xa_local_transaction` registering through the client ``as_dtm`` makes of the DTM source:
+    an HTTP one, or a gRPC one (:func:`dtmcli.grpc.xa_local_transaction`). Checked before ``conn`` is used."""
     from ..xa import register_xa_branch_flow, xa_registration
 
     info, dtm_source = action_info(query, dtm, table)
-    adapter = _dbapi(conn, dialect)
-    client = as_client(dtm_source)
+    client = as_dtm(dtm_source)
     register = register_xa_branch_flow(client, xa_registration(info))
-    flow = local_transaction_flow(info, adapter.dialect, table, _blocking(busi), conn, register)
-    result: R = _flow.run(flow, _XaIO(adapter, client.transport))
-    return result
+    with connection_from(conn) as dedicated:
+        adapter = _dbapi(dedicated, dialect)
+        flow = local_transaction_flow(info, adapter.dialect, table, _blocking(busi), dedicated, register)
+        result: R = _flow.run(flow, _XaIO(adapter, client.transport, getattr(client, "grpc_io", None)))
+        return result
 
 
 def xa_handle_phase2(

@@ -3,7 +3,8 @@
 :class:`AsyncDtmGrpcClient` and the builders :class:`Saga`, :class:`Msg`, :class:`Tcc` /
 :func:`tcc_global_transaction`, :class:`Xa` / :func:`xa_global_transaction` are those of
 :mod:`dtmcli.grpc` with every call awaited: the same cores and flows, driven by the asyncio driver,
-with the gRPC calls made on ``grpc.aio`` channels (one set per event loop).
+with the gRPC calls made on ``grpc.aio`` channels (one set per event loop). Branch side:
+:func:`xa_local_transaction` and :func:`xa_handle_phase2` on asyncio connections.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from .._barrier.core import DEFAULT_TABLE
 from .._flow import arun
 from .._models import Transaction
 from .._protocol import Response
@@ -40,7 +42,7 @@ from .client import AsyncDtmClient
 
 __all__ = [
     "AsyncDtmGrpcClient", "AsyncGrpcChannels", "Msg", "Saga", "Tcc", "Xa", "as_async_grpc_client",
-    "tcc_global_transaction", "xa_global_transaction",
+    "tcc_global_transaction", "xa_global_transaction", "xa_handle_phase2", "xa_local_transaction",
 ]
 
 R = TypeVar("R")
@@ -390,3 +392,32 @@ def xa_global_transaction(
     """An XA global transaction over gRPC for asyncio code (see :func:`tcc_global_transaction`)."""
     return global_transaction(AsyncGlobalTransaction, Xa, "xa_global_transaction", dtm, gid, callback, options)
 
+
+async def xa_local_transaction(
+    context: Any,
+    conn: Any,
+    busi: Callable[[Any], Awaitable[R]],
+    *,
+    dtm: Optional[AsyncDtmGrpcLike] = None,
+    table: str = DEFAULT_TABLE,
+    dialect: Optional[str] = None,
+) -> R:
+    """Run ``await busi(conn)`` as the local XA transaction of an xa action served by ``grpc.aio`` and
+    prepare it, registering the branch with DTM's gRPC API in between: the asyncio form of
+    :func:`dtmcli.grpc.xa_local_transaction` (``conn`` as for :func:`dtmcli.asyncio.xa_local_transaction`;
+    ``dtm`` a gRPC target or :class:`AsyncDtmGrpcClient`)."""
+    from ..grpc._builders import _grpc_branch_info
+
+    return await _xa._local_transaction(
+        _grpc_branch_info(context), conn, busi, dtm, table, dialect, as_async_grpc_client
+    )
+
+
+async def xa_handle_phase2(
+    context: Any, conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[str] = None
+) -> None:
+    """Handle DTM's phase-2 gRPC call of an XA branch, awaited (see :func:`dtmcli.grpc.xa_handle_phase2`;
+    ``conn`` as for :func:`dtmcli.asyncio.xa_local_transaction`)."""
+    from ..grpc._builders import _grpc_branch_info
+
+    await _xa.xa_handle_phase2(_grpc_branch_info(context), conn, table=table, dialect=dialect)

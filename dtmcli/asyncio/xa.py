@@ -109,9 +109,10 @@ def _driver_of(conn: Any) -> Optional[str]:
 
 class _AsyncXaIO:
     """The awaited I/O of the XA flows on one aiomysql, asyncpg or psycopg ``AsyncConnection``
-    (statements through the asyncio barrier's adapter), and an AsyncDtmClient's transport."""
+    (statements through the asyncio barrier's adapter), and the DTM client's ``transport`` (HTTP) or
+    ``grpc_io`` (an AsyncDtmGrpcClient's, for the DtmCall effects of registerBranch)."""
 
-    def __init__(self, conn: Any, dialect: Optional[str], transport: Any = None) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], transport: Any = None, grpc_io: Any = None) -> None:
         driver = _driver_of(conn)
         if driver is None:
             raise DtmInvalidInput(
@@ -120,6 +121,7 @@ class _AsyncXaIO:
             )
         self.adapter = adapt(conn, dialect)
         self.conn, self.driver, self.dialect, self.transport = conn, driver, self.adapter.dialect, transport
+        self.grpc_io = grpc_io
 
     def in_transaction(self) -> bool:
         conn = self.conn
@@ -188,8 +190,8 @@ class _AsyncXaIO:
             await self.conn.rollback()
 
 
-def _open(conn: Any, dialect: Optional[str], transport: Any = None) -> _AsyncXaIO:
-    io = _AsyncXaIO(conn, dialect, transport)
+def _open(conn: Any, dialect: Optional[str], transport: Any = None, grpc_io: Any = None) -> _AsyncXaIO:
+    io = _AsyncXaIO(conn, dialect, transport, grpc_io)
     if io.in_transaction():
         raise DtmInvalidInput("the XA connection has an open local transaction; commit or roll it back first")
     return io
@@ -214,11 +216,25 @@ async def xa_local_transaction(
     connection keeps the prepared branch from phase 2 until it disconnects: prefer a factory).
     ``dtm`` (a URL or AsyncDtmClient) overrides the request's ``dtm``.
     """
+    return await _local_transaction(query, conn, busi, dtm, table, dialect, as_async_client)
+
+
+async def _local_transaction(
+    query: Any,
+    conn: Any,
+    busi: Callable[[Any], Awaitable[R]],
+    dtm: Any,
+    table: str,
+    dialect: Optional[str],
+    as_dtm: Callable[[Any], Any],
+) -> R:
+    """:func:`xa_local_transaction` registering through the client ``as_dtm`` makes of the DTM source:
+    an HTTP one, or a gRPC one (:func:`dtmcli.asyncio.grpc.xa_local_transaction`)."""
     info, dtm_source = action_info(query, dtm, table)
-    client = as_async_client(dtm_source)
+    client = as_dtm(dtm_source)
     register = register_xa_branch_flow(client, xa_registration(info))
     async with connection_from(conn) as dedicated:
-        io = _open(dedicated, dialect, client.transport)
+        io = _open(dedicated, dialect, client.transport, getattr(client, "grpc_io", None))
         result: R = await arun(local_transaction_flow(info, io.dialect, table, busi, dedicated, register), io)
         return result
 

@@ -2,7 +2,8 @@
 
 Client side, as Go's ``dtmgrpc``: :class:`DtmGrpcClient` (``host:port`` of DTM's gRPC API, port
 36790) and the builders :class:`Saga`, :class:`Msg`, :class:`Tcc` / :func:`tcc_global_transaction`
-and :class:`Xa` / :func:`xa_global_transaction` (branch side: :func:`register_xa_branch`).
+and :class:`Xa` / :func:`xa_global_transaction` (branch side: :func:`xa_local_transaction`,
+:func:`xa_handle_phase2`, or :func:`register_xa_branch` inside your own XA statements).
 Branch URLs are ``host:port/package.Service/Method`` and payloads protobuf messages (or their bytes)::
 
     from dtmcli.grpc import DtmGrpcClient, Saga
@@ -22,7 +23,17 @@ Branch side (:mod:`dtmcli.grpc.server`): :class:`DtmServerInterceptor` /
 :mod:`dtmcli.asyncio.grpc`.
 """
 
-from ._builders import Msg, Saga, Tcc, Xa, register_xa_branch, tcc_global_transaction, xa_global_transaction
+from ._builders import (
+    Msg,
+    Saga,
+    Tcc,
+    Xa,
+    register_xa_branch,
+    tcc_global_transaction,
+    xa_global_transaction,
+    xa_handle_phase2,
+    xa_local_transaction,
+)
 from ._core import Reply
 from .client import DtmGrpcClient, DtmGrpcLike, as_grpc_client
 from .server import (
@@ -50,4 +61,6 @@ __all__ = [
     "set_grpc_dtm_servers",
     "tcc_global_transaction",
     "xa_global_transaction",
+    "xa_handle_phase2",
+    "xa_local_transaction",
 ]

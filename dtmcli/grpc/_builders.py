@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, overload
 
 from .. import msg as _msg
 from .. import saga as _saga
 from .. import tcc as _tcc
 from .. import xa as _xa
+from .._barrier import xa as _barrier_xa
+from .._barrier.core import DEFAULT_TABLE
 from .._flow import run
 from .._twophase import GlobalTransaction, global_transaction
 from ..client import ClientBase
 from ._core import GrpcMsgCore, GrpcSagaCore, GrpcTccCore, GrpcXaCore, Reply
 from .client import DtmGrpcClient, DtmGrpcLike, as_grpc_client
 
-__all__ = ["Msg", "Saga", "Tcc", "Xa", "register_xa_branch", "tcc_global_transaction", "xa_global_transaction"]
+if TYPE_CHECKING:
+    from .server import GrpcBranchInfo
+
+__all__ = [
+    "Msg", "Saga", "Tcc", "Xa", "register_xa_branch", "tcc_global_transaction", "xa_global_transaction",
+    "xa_handle_phase2", "xa_local_transaction",
+]
 
 R = TypeVar("R")
 
@@ -160,9 +168,46 @@ def register_xa_branch(context: Any, *, dtm: Optional[DtmGrpcLike] = None) -> No
     :class:`~dtmcli.grpc.GrpcBranchInfo`); ``dtm`` pins the DTM target instead of the trusted
     ``dtm-dtm``. Aborted (the global transaction is no longer prepared) raises DtmFailure: roll back.
     """
-    from .server import GrpcBranchInfo, branch_info_from_grpc
-
-    info = context if isinstance(context, GrpcBranchInfo) else branch_info_from_grpc(context)
+    info = _grpc_branch_info(context)
     body = _xa.xa_registration(info)
     client = as_grpc_client(dtm if dtm is not None else info.require_dtm())
     run(_xa.register_xa_branch_flow(client, body), client)
+
+
+def _grpc_branch_info(context: Any) -> GrpcBranchInfo:
+    """The GrpcBranchInfo of ``context`` (a servicer context, its metadata, or a GrpcBranchInfo)."""
+    from .server import GrpcBranchInfo, branch_info_from_grpc
+
+    return context if isinstance(context, GrpcBranchInfo) else branch_info_from_grpc(context)
+
+
+def xa_local_transaction(
+    context: Any,
+    conn: Any,
+    busi: Callable[[Any], R],
+    *,
+    dtm: Optional[DtmGrpcLike] = None,
+    table: str = DEFAULT_TABLE,
+    dialect: Optional[str] = None,
+) -> R:
+    """Run ``busi(conn)`` as the local XA transaction of an xa action served over gRPC and prepare it,
+    registering the branch with DTM's gRPC API (``RegisterBranch``) in between.
+
+    The gRPC form of :func:`dtmcli.barrier.xa_local_transaction`: the same steps, checks and errors.
+    ``context`` is the handler's servicer context (or its metadata, or a
+    :class:`~dtmcli.grpc.GrpcBranchInfo`); it must be an xa ``action`` call carrying
+    ``dtm-phase2_url`` and a trusted ``dtm-dtm`` (:func:`~dtmcli.grpc.set_grpc_dtm_servers`), or
+    pass ``dtm`` (a gRPC target or :class:`DtmGrpcClient`). ``conn`` is a factory of DB-API
+    connections (preferred: on MariaDB phase 2 sees the prepared branch only once its connection is
+    closed) or a dedicated connection without an open transaction.
+    """
+    return _barrier_xa._local_transaction(
+        _grpc_branch_info(context), conn, busi, dtm=dtm, table=table, dialect=dialect, as_dtm=as_grpc_client
+    )
+
+
+def xa_handle_phase2(context: Any, conn: Any, *, table: str = DEFAULT_TABLE, dialect: Optional[str] = None) -> None:
+    """Handle DTM's phase-2 gRPC call of an XA branch (the action's method again, with ``dtm-op``
+    commit or rollback and an empty message): see :func:`dtmcli.barrier.xa_handle_phase2`.
+    ``context`` and ``conn`` as for :func:`xa_local_transaction`."""
+    _barrier_xa.xa_handle_phase2(_grpc_branch_info(context), conn, table=table, dialect=dialect)
