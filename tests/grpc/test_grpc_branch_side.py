@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
@@ -23,6 +22,7 @@ if not in_ci():
 import grpc  # CI: the grpc extra must be installed
 import grpc.aio
 from google.protobuf import wrappers_pb2
+from grpc_serving import AioLoop
 
 from dtmcli import DtmDuplicated, DtmFailure, DtmOngoing, local_gid
 from dtmcli.barrier import BranchBarrier, barrier, create_schema
@@ -71,23 +71,6 @@ def sync_server(handlers: dict[str, Handler], *, typed: bool = False, intercept:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0).wait()
-
-
-class AioLoop:
-    """An event loop in a thread, serving a grpc.aio server (the tests call it with a blocking channel)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 20) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @contextlib.contextmanager

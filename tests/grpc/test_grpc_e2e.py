@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -31,6 +30,7 @@ if not in_ci():
 import grpc  # CI: the grpc extra must be installed
 import grpc.aio
 from google.protobuf import wrappers_pb2
+from grpc_serving import grpc_service, raw_handlers
 
 import dtmcli
 import dtmcli.asyncio.grpc as agrpc
@@ -199,73 +199,27 @@ class Bank:
         return None
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        table = {}
-        for method in METHODS:
-            if self.kind == "sync":
-                def fn(request: bytes, context: Any, method: str = method) -> Any:
-                    return self.handle(method, request, context)
-            else:
-                async def fn(request: bytes, context: Any, method: str = method) -> Any:  # type: ignore[misc]
-                    return await self.ahandle(method, request, context)
-            table[method] = grpc.unary_unary_rpc_method_handler(fn)  # raw bytes in, None = empty reply out
-        return grpc.method_handlers_generic_handler(SERVICE, table)
-
-
-class AioLoop:
-    """An event loop in a thread, for the grpc.aio server and its asyncpg pool."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        return raw_handlers(SERVICE, METHODS, self.kind, self.handle, self.ahandle)
 
 
 @contextlib.contextmanager
 def serve(bank: Bank) -> Iterator[Bank]:
-    """Start ``bank`` on 127.0.0.1 with dtmcli's interceptor (sync or grpc.aio)."""
-    if bank.kind == "sync":
-        server = grpc.server(ThreadPoolExecutor(8), interceptors=[sgrpc.DtmServerInterceptor()])
-        server.add_generic_rpc_handlers((bank.handlers(),))
-        bank.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        server.start()
-        try:
-            yield bank
-        finally:
-            server.stop(0).wait()
-        return
-    import asyncpg
+    """Start ``bank`` on 127.0.0.1 with dtmcli's interceptor (sync, or grpc.aio with an asyncpg pool)."""
 
-    aio = AioLoop()
+    async def open_pool() -> None:
+        import asyncpg
 
-    async def start() -> Any:
         bank.pool = await asyncpg.create_pool(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
                                               database=POSTGRES["dbname"], min_size=1, max_size=8)
-        srv = grpc.aio.server(interceptors=[sgrpc.AsyncDtmServerInterceptor()])
-        srv.add_generic_rpc_handlers((bank.handlers(),))
-        bank.target = f"127.0.0.1:{srv.add_insecure_port('127.0.0.1:0')}"
-        await srv.start()
-        return srv
 
-    async def stop(srv: Any) -> None:
-        await srv.stop(0)
+    async def close_pool() -> None:
         await bank.pool.close()
 
-    try:
-        srv = aio.run(start())
-        try:
-            yield bank
-        finally:
-            aio.run(stop(srv))
-    finally:
-        aio.close()
+    aio = bank.kind != "sync"
+    with grpc_service(bank.kind, bank.handlers(), start=open_pool if aio else None,
+                      stop=close_pool if aio else None) as target:
+        bank.target = target
+        yield bank
 
 
 # -- client flavours and the combinations run -----------------------------------------------------------------

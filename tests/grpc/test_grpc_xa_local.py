@@ -30,6 +30,7 @@ if not in_ci():
 import grpc  # CI: the grpc extra must be installed
 import grpc.aio
 from google.protobuf import wrappers_pb2
+from grpc_serving import grpc_service, raw_handlers
 
 import dtmcli.asyncio.grpc as agrpc
 import dtmcli.grpc as sgrpc
@@ -283,55 +284,15 @@ class Bank:
         await agrpc.xa_local_transaction(context, self.db.aconnect, busi, table=self.db.barrier)
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        table = {}
-        for method in ("XaOut", "XaIn"):
-            if self.kind == "sync":
-                def fn(request: bytes, context: Any, method: str = method) -> Any:
-                    return self.handle(method, request, context)
-            else:
-                async def fn(request: bytes, context: Any, method: str = method) -> Any:  # type: ignore[misc]
-                    return await self.ahandle(method, request, context)
-            table[method] = grpc.unary_unary_rpc_method_handler(fn)  # raw bytes in, None = empty reply out
-        return grpc.method_handlers_generic_handler(SERVICE, table)
+        return raw_handlers(SERVICE, ("XaOut", "XaIn"), self.kind, self.handle, self.ahandle)
 
 
 @contextlib.contextmanager
 def serve(bank: Bank) -> Iterator[Bank]:
     """Start ``bank`` on 127.0.0.1 with dtmcli's interceptor: ``grpc.server``, or ``grpc.aio`` in a loop thread."""
-    if bank.kind == "sync":
-        server = grpc.server(ThreadPoolExecutor(8), interceptors=[sgrpc.DtmServerInterceptor()])
-        server.add_generic_rpc_handlers((bank.handlers(),))
-        bank.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        server.start()
-        try:
-            yield bank
-        finally:
-            server.stop(0).wait()
-        return
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
-
-    async def start() -> Any:
-        srv = grpc.aio.server(interceptors=[sgrpc.AsyncDtmServerInterceptor()])
-        srv.add_generic_rpc_handlers((bank.handlers(),))
-        bank.target = f"127.0.0.1:{srv.add_insecure_port('127.0.0.1:0')}"
-        await srv.start()
-        return srv
-
-    try:
-        srv = run(start())
-        try:
-            yield bank
-        finally:
-            run(srv.stop(0))
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with grpc_service(bank.kind, bank.handlers()) as target:
+        bank.target = target
+        yield bank
 
 
 @pytest.fixture
