@@ -6,6 +6,7 @@ import logging
 import re
 from typing import Any, Callable, ClassVar, Optional, TypeVar
 
+from ._barrier.sql_conn import refuse_open_transaction
 from ._consts import DEFAULT_DTM, MSG, MSG_BRANCH_ID, OP_MSG
 from ._flow import Call, Flow, discard_awaitable, is_async_function
 from ._protocol import encode_custom_data, encode_payload
@@ -249,8 +250,10 @@ class Msg(MsgCore, TransBase):
         (gid, 00, msg, 01), so :func:`dtmcli.barrier.query_prepared` can tell DTM whether it
         committed. ``conn`` is anything :meth:`BranchBarrier.call_with_db` accepts; the transaction must be
         the barrier's own, since the submit follows at once: a SQLAlchemy Connection/Session with a
-        transaction open, or a Django connection inside ``transaction.atomic()``, is refused (DtmInvalidInput).
+        transaction open, or a Django connection inside ``transaction.atomic()``, is refused
+        (DtmInvalidInput); before the prepare when ``conn`` is such an object itself.
         """
+        refuse_open_transaction(conn)  # before the prepare: nothing sent for a source that would be refused
         return self.prepare_and_submit(
             query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call, join_transaction=False)
         )

@@ -290,6 +290,23 @@ def is_django_source(db: Any) -> bool:
     return type(db).__module__.split(".")[0] == "django"
 
 
+def refuse_open_transaction(db: Any) -> None:
+    """Refuse (DtmInvalidInput) a SQLAlchemy Connection/Session (sync or asyncio) with a transaction open, or a
+    Django connection inside an atomic block, where the caller needs the barrier's own committed transaction
+    (a msg's local work, before its submit). Sources resolved later (factories, engines) are checked then."""
+    if is_django_source(db):
+        from django.db import connections
+
+        conn = connections[db.split(":", 1)[1] if isinstance(db, str) and ":" in db else
+                           "default" if isinstance(db, str) else db.alias]
+        if conn.in_atomic_block:
+            raise django_transaction_error(True)
+        return
+    in_transaction = getattr(db, "in_transaction", None)
+    if type(db).__module__.startswith("sqlalchemy") and callable(in_transaction) and in_transaction():
+        raise joined_transaction_error()
+
+
 def is_aborted(raw: Any, conn: Any = None) -> bool:
     """Whether the PostgreSQL transaction on driver connection ``raw`` is aborted (psycopg2, psycopg 3
     blocking or async), or ``conn`` is marked for rollback (Django). No round trip."""
@@ -642,21 +659,22 @@ class _SqlAlchemyAdapter(_Adapter):
 class _DjangoAdapter(_Adapter):
     """A Django connection: runs inside ``transaction.atomic`` (a savepoint when already in one)."""
 
-    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> None:
+    def __init__(self, conn: Any, dialect: Optional[str], join: bool = True) -> None:
         from django.db import connections
 
         self.conn = connections[conn.alias]
         self.dialect = normalize_dialect(dialect or self.conn.vendor)
         self.join = join
-        self.atomic = atomic
         self._atomic: Any = None
 
     def begin(self) -> None:
         from django.db import transaction
 
         in_atomic = bool(self.conn.in_atomic_block)
-        if self.atomic and not in_atomic and not self.conn.get_autocommit():
-            raise django_transaction_error(False)  # Django's atomic() would then leave the commit to nobody
+        # Autocommit turned off by hand: Django's atomic() then commits nothing on exit, whether the block
+        # is the barrier's own or an outer one entered after set_autocommit(False) (commit_on_exit False).
+        if not self.conn.get_autocommit() and not (in_atomic and self.conn.commit_on_exit):
+            raise django_transaction_error(False)
         if in_atomic and not self.join:
             raise django_transaction_error(True)
         self._atomic = transaction.atomic(using=self.conn.alias)
@@ -702,8 +720,9 @@ def adapt(conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = T
 
     ``join=False`` refuses a SQLAlchemy Connection/Session with a transaction open (see :func:`savepoint_plan`)
     and a Django connection inside an atomic block. ``atomic=False`` (msg ``query_prepared``, whose statements
-    are each correct on their own) accepts a SQLAlchemy connection in AUTOCOMMIT mode and a Django connection
-    with autocommit off, which the barrier's own transaction refuses.
+    each commit on their own there) accepts a SQLAlchemy connection in AUTOCOMMIT mode, which the barrier's own
+    transaction refuses. A Django connection with autocommit turned off by hand is refused either way: nothing
+    would commit what the call wrote.
     """
     module = type(conn).__module__
     top = module.split(".")[0]
@@ -715,7 +734,7 @@ def adapt(conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = T
     if top == "sqlalchemy":
         return _SqlAlchemyAdapter(conn, dialect, join, atomic)
     if top == "django":
-        return _DjangoAdapter(conn, dialect, join, atomic)
+        return _DjangoAdapter(conn, dialect, join)
     if top in _MYSQL_DRIVERS:
         return _DbApiAdapter(conn, normalize_dialect(dialect or MYSQL))
     if top in _PG_DRIVERS:

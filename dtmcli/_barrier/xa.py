@@ -32,6 +32,7 @@ from .sql_conn import (
     is_async_connection,
     is_connection_error,
     map_db_error,
+    refuse_pipeline,
 )
 
 if TYPE_CHECKING:
@@ -223,6 +224,8 @@ def _action_steps(
         affected = yield StoreOp("execute", _insert_sql(dialect, table), row)
         if affected == 0:
             raise DtmFailure("xa branch was already rolled back (or done): its barrier row exists", **where)
+        if affected != 1:  # a driver that cannot tell (-1): a late action must not pass for a first one
+            raise BarrierDatabaseError(f"the xa barrier INSERT answered {affected} rows changed, not 0 or 1", **where)
         result = yield Call(busi, tx)
         if inspect.isasyncgen(result):  # nothing of it ran; preparing would report work never done
             raise DtmInvalidInput(
@@ -386,6 +389,8 @@ def _dbapi(conn: Any, dialect: Optional[str]) -> _DbApiAdapter:
             "XA needs a dedicated DB-API connection (PyMySQL, psycopg2 or psycopg), not a "
             f"{type(conn).__module__}.{type(conn).__name__}"
         )
+    if adapter.driver == "psycopg":
+        refuse_pipeline(conn)
     if adapter._in_transaction():
         raise DtmInvalidInput("the XA connection has an open local transaction; commit or roll it back first")
     return adapter
@@ -505,7 +510,9 @@ def _local_transaction(
     as_dtm: Callable[[Any], Any],
 ) -> R:
     """:func:`xa_local_transaction` registering through the client ``as_dtm`` makes of the DTM source:
-    an HTTP one, or a gRPC one (:func:`dtmcli.grpc.xa_local_transaction`). Checked before ``conn`` is used."""
+    an HTTP one, or a gRPC one (:func:`dtmcli.grpc.xa_local_transaction`). The call (xa action, phase2_url,
+    trusted dtm, table) is checked before a connection is opened; the xid's length, which needs the dialect, right
+    after, before anything is sent."""
     from ..xa import register_xa_branch_flow, xa_registration
 
     info, dtm_source = action_info(query, dtm, table)

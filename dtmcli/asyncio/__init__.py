@@ -16,7 +16,7 @@ from .client import AsyncDtmClient, AsyncDtmLike, as_async_client, local_gid, ne
 from .msg import Msg
 from .saga import Saga
 from .tcc import Tcc, tcc_global_transaction
-from .xa import Xa, register_xa_branch, xa_global_transaction
+from .xa import Xa, register_xa_branch, xa_global_transaction, xa_handle_phase2, xa_local_transaction, xa_preflight
 
 __all__ = [
     "AiohttpTransport",
@@ -39,4 +39,7 @@ __all__ = [
     "register_xa_branch",
     "tcc_global_transaction",
     "xa_global_transaction",
+    "xa_handle_phase2",
+    "xa_local_transaction",
+    "xa_preflight",
 ]

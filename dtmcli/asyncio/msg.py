@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
+from .._barrier.sql_conn import refuse_open_transaction
 from .._consts import DEFAULT_DTM
 from ..msg import MsgCore
 from ._trans import AsyncTransBase
@@ -68,6 +69,7 @@ class Msg(MsgCore, AsyncTransBase):
         ``AsyncConnection``, aiomysql, SQLAlchemy async) that also inserts the msg barrier row; it must be the
         barrier's own transaction (a SQLAlchemy AsyncConnection/AsyncSession with one open is refused).
         """
+        refuse_open_transaction(conn)  # before the prepare: nothing sent for a source that would be refused
         result: Optional[R] = await self.prepare_and_submit(
             query_prepared, lambda barrier: barrier.call_with_db(conn, busi_call, join_transaction=False)
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable, Optional, TypeVar, overload
 
 from .._barrier.core import DEFAULT_TABLE
+from .._barrier.sql_conn import refuse_pipeline
 from .._barrier.xa import action_info, local_transaction_flow, phase2_flow, phase2_info, preflight_flow
 from .._consts import DEFAULT_DTM
 from .._flow import arun
@@ -192,6 +193,8 @@ class _AsyncXaIO:
 
 def _open(conn: Any, dialect: Optional[str], transport: Any = None, grpc_io: Any = None) -> _AsyncXaIO:
     io = _AsyncXaIO(conn, dialect, transport, grpc_io)
+    if io.driver == "psycopg":
+        refuse_pipeline(conn)
     if io.in_transaction():
         raise DtmInvalidInput("the XA connection has an open local transaction; commit or roll it back first")
     return io

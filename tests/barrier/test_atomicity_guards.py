@@ -100,11 +100,91 @@ def test_an_insert_count_other_than_0_or_1_is_refused(affected: int) -> None:
     store.note_insert(("g", "01", "action", "01"), 0)  # a duplicate: fine
 
 
+def test_xa_refuses_a_psycopg_connection_in_pipeline_mode(postgres_ready: None) -> None:
+    from dtmcli.barrier import xa_local_transaction
+
+    gid, calls = local_gid(), []
+    query = {"gid": gid, "trans_type": "xa", "branch_id": "01", "op": "action", "dtm": DTM,
+             "phase2_url": "http://busi.test/xa"}
+    conn = psycopg_connect()
+    try:
+        with conn.pipeline():
+            with pytest.raises(DtmInvalidInput, match="pipeline mode"):
+                xa_local_transaction(query, conn, effect(gid, calls))
+    finally:
+        conn.close()
+    assert calls == [] and written(gid) == (0, 0)
+
+
+def test_async_xa_refuses_a_psycopg_connection_in_pipeline_mode(postgres_ready: None) -> None:
+    import psycopg
+
+    from dtmcli.asyncio import xa_local_transaction as axa_local_transaction
+
+    gid, calls = local_gid(), []
+    query = {"gid": gid, "trans_type": "xa", "branch_id": "01", "op": "action", "dtm": DTM,
+             "phase2_url": "http://busi.test/xa"}
+
+    async def busi(tx: Any) -> None:
+        calls.append("busi")
+
+    async def main() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"], dbname=POSTGRES["dbname"])
+        try:
+            async with conn.pipeline():
+                with pytest.raises(DtmInvalidInput, match="pipeline mode"):
+                    await axa_local_transaction(query, conn, busi)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    assert calls == [] and written(gid) == (0, 0)
+
+
+def test_xa_refuses_an_insert_count_other_than_0_or_1() -> None:
+    """A driver answering -1 for the xa barrier row: not taken for a first action (nothing prepared)."""
+    from dtmcli import _flow
+    from dtmcli._barrier.xa import local_transaction_flow
+    from dtmcli.branch import BranchInfo
+
+    class Io:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def set_autocommit(self, on: bool) -> None:
+            return None
+
+        def exec_shielded(self, sql: str) -> None:
+            self.sent.append(sql.split()[0].lower())
+
+        def execute(self, sql: str, params: Any) -> int:
+            return -1
+
+    calls: list[str] = []
+    info = BranchInfo(trans_type="xa", gid="g1", branch_id="01", op="action")
+    io = Io()
+    flow = local_transaction_flow(info, "postgres", "dtm_barrier.barrier", lambda tx: calls.append("busi"), None,
+                                  _flow.done(None))
+    with pytest.raises(BarrierDatabaseError, match="not 0 or 1"):
+        _flow.run(flow, io)
+    assert calls == [] and io.sent == ["begin", "rollback"]
+
+
 # -- msg do_and_submit_db: the submit follows at once, so the transaction must be the barrier's own ---
 
 
 def _msg(gid: str) -> Msg:
     return Msg(DtmClient(DTM), gid).add("http://busi.test/a1", {"amount": 5})
+
+
+def _refused_before_prepare(run: Any) -> None:
+    """``run()`` calls do_and_submit_db with a source refused up front: nothing reaches DTM."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.post(f"{DTM}/prepare", json={"dtm_result": "SUCCESS"})
+        with pytest.raises(DtmInvalidInput):
+            run()
+        assert paths(rsps) == []
 
 
 def _refused_then_aborted(gid: str, run: Any) -> None:
@@ -127,9 +207,11 @@ def test_msg_refuses_a_sqlalchemy_session_with_a_transaction_open(postgres_ready
     try:
         with Session(engine) as session:
             session.execute(sqlalchemy.text("select 1"))  # something used it: a transaction is open
+            _refused_before_prepare(lambda: _msg(gid).do_and_submit_db(QP, session, lambda tx: calls.append("busi")))
+            # a factory handing out such a session is seen only in the local transaction, after the prepare:
+            # refused there, and DTM hears query_prepared's rollback instead of a submit
             _refused_then_aborted(gid, lambda: _msg(gid).do_and_submit_db(
-                QP, session, lambda tx: calls.append("busi")))
-            session.rollback()
+                QP, lambda: session, lambda tx: calls.append("busi")))
     finally:
         engine.dispose()
     assert calls == [] and written(gid) == (0, 1)  # only query_prepared's rollback marker
@@ -148,6 +230,8 @@ def test_async_msg_refuses_an_async_session_with_a_transaction_open(postgres_rea
     async def busi(tx: Any) -> None:
         calls.append("busi")
 
+    later = local_gid()
+
     async def main(dtm_url: str) -> None:
         engine = create_async_engine(PG_ASYNC_URL)
         try:
@@ -156,14 +240,22 @@ def test_async_msg_refuses_an_async_session_with_a_transaction_open(postgres_rea
                 msg = AsyncMsg(AsyncDtmClient(dtm_url), gid).add("http://127.0.0.1:9/a1", {})
                 with pytest.raises(DtmInvalidInput, match="transaction open"):
                     await msg.do_and_submit_db("http://127.0.0.1:9/qp", session, busi)
+
+                async def source() -> Any:  # seen only in the local transaction, after the prepare
+                    return session
+
+                msg = AsyncMsg(AsyncDtmClient(dtm_url), later).add("http://127.0.0.1:9/a1", {})
+                with pytest.raises(DtmInvalidInput, match="transaction open"):
+                    await msg.do_and_submit_db("http://127.0.0.1:9/qp", source, busi)
         finally:
             await engine.dispose()
 
     with DtmTestServer() as dtm:
         asyncio.run(main(dtm.url))
-        trans = dtm.query(gid)
+        assert dtm.query(gid) is None  # refused before the prepare
+        trans = dtm.query(later)
         assert trans is not None and trans.status == "prepared"  # not submitted: DTM asks query_prepared later
-    assert calls == [] and written(gid) == (0, 0)
+    assert calls == [] and written(gid) == (0, 0) and written(later) == (0, 0)
 
 
 def test_msg_refuses_a_django_connection_inside_atomic(django_conn: Any) -> None:
@@ -171,9 +263,10 @@ def test_msg_refuses_a_django_connection_inside_atomic(django_conn: Any) -> None
 
     gid, calls = local_gid(), []
     with transaction.atomic(using=django_conn.alias):
-        _refused_then_aborted(gid, lambda: _msg(gid).do_and_submit_db(
+        _refused_before_prepare(lambda: _msg(gid).do_and_submit_db(
             QP, f"django:{django_conn.alias}", lambda tx: calls.append("busi")))
-    assert calls == [] and written(gid) == (0, 1)
+        _refused_before_prepare(lambda: _msg(gid).do_and_submit_db(QP, django_conn, lambda tx: calls.append("busi")))
+    assert calls == [] and written(gid) == (0, 0)
 
 
 # -- Django: autocommit off outside atomic (nobody commits), atomic blocks (the caller commits) --------
@@ -187,6 +280,24 @@ def test_django_with_autocommit_off_outside_atomic_is_refused(django_conn: Any) 
     try:
         with pytest.raises(DtmInvalidInput, match="autocommit turned off"):
             BranchBarrier("saga", gid, "01", "action").call(django_conn, effect(gid, calls))
+    finally:
+        django_conn.rollback()
+        transaction.set_autocommit(True, using=django_conn.alias)
+    assert calls == [] and written(gid) == (0, 0)
+
+
+def test_django_autocommit_off_then_atomic_is_refused(django_conn: Any) -> None:
+    """The outer atomic block entered after set_autocommit(False) commits nothing on exit either."""
+    from django.db import transaction
+
+    gid, calls = local_gid(), []
+    transaction.set_autocommit(False, using=django_conn.alias)
+    try:
+        with transaction.atomic(using=django_conn.alias):
+            with pytest.raises(DtmInvalidInput, match="autocommit turned off"):
+                BranchBarrier("saga", gid, "01", "action").call(django_conn, effect(gid, calls))
+        with pytest.raises(DtmInvalidInput, match="autocommit turned off"):  # nor query_prepared's marker
+            query_prepared(gid, django_conn)
     finally:
         django_conn.rollback()
         transaction.set_autocommit(True, using=django_conn.alias)
