@@ -68,12 +68,12 @@ def test_psycopg_pipeline_mode_is_refused(postgres_ready: None, op: str) -> None
     assert calls == ["busi"] and written(gid) == (1, 1)
 
 
-def test_async_psycopg_pipeline_mode_is_refused(postgres_ready: None) -> None:
+def refused_in_async_pipeline(call: Any) -> list[str]:
+    """``await call(conn, busi)`` on a psycopg AsyncConnection inside ``pipeline()`` must be refused before
+    ``busi`` runs; returns the business calls made (none)."""
     import psycopg
 
-    from dtmcli.asyncio.barrier import BranchBarrier as AsyncBranchBarrier
-
-    gid, calls = local_gid(), []
+    calls: list[str] = []
 
     async def busi(tx: Any) -> None:
         calls.append("busi")
@@ -84,11 +84,20 @@ def test_async_psycopg_pipeline_mode_is_refused(postgres_ready: None) -> None:
         try:
             async with conn.pipeline():
                 with pytest.raises(DtmInvalidInput, match="pipeline mode"):
-                    await AsyncBranchBarrier("saga", gid, "01", "action").call(conn, busi)
+                    await call(conn, busi)
         finally:
             await conn.close()
 
     asyncio.run(main())
+    return calls
+
+
+def test_async_psycopg_pipeline_mode_is_refused(postgres_ready: None) -> None:
+    from dtmcli.asyncio.barrier import BranchBarrier as AsyncBranchBarrier
+
+    gid = local_gid()
+    bb = AsyncBranchBarrier("saga", gid, "01", "action")
+    calls = refused_in_async_pipeline(lambda conn, busi: bb.call(conn, busi))
     assert calls == [] and written(gid) == (0, 0)
 
 
@@ -117,28 +126,12 @@ def test_xa_refuses_a_psycopg_connection_in_pipeline_mode(postgres_ready: None) 
 
 
 def test_async_xa_refuses_a_psycopg_connection_in_pipeline_mode(postgres_ready: None) -> None:
-    import psycopg
-
     from dtmcli.asyncio import xa_local_transaction as axa_local_transaction
 
-    gid, calls = local_gid(), []
+    gid = local_gid()
     query = {"gid": gid, "trans_type": "xa", "branch_id": "01", "op": "action", "dtm": DTM,
              "phase2_url": "http://busi.test/xa"}
-
-    async def busi(tx: Any) -> None:
-        calls.append("busi")
-
-    async def main() -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"], dbname=POSTGRES["dbname"])
-        try:
-            async with conn.pipeline():
-                with pytest.raises(DtmInvalidInput, match="pipeline mode"):
-                    await axa_local_transaction(query, conn, busi)
-        finally:
-            await conn.close()
-
-    asyncio.run(main())
+    calls = refused_in_async_pipeline(lambda conn, busi: axa_local_transaction(query, conn, busi))
     assert calls == [] and written(gid) == (0, 0)
 
 
