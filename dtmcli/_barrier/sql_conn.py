@@ -277,9 +277,9 @@ def django_transaction_error(in_atomic: bool) -> DtmInvalidInput:
             "its work commits when (and if) the caller's block does; call it outside atomic blocks"
         )
     return DtmInvalidInput(
-        "the Django connection has autocommit turned off (transaction.set_autocommit(False)) outside any atomic "
-        "block: nothing would commit the barrier's work when the call ends; use transaction.atomic() or turn "
-        "autocommit back on"
+        "the Django connection has autocommit turned off by hand (transaction.set_autocommit(False)): Django's "
+        "atomic() then commits nothing on exit, so nothing would commit the barrier's work when the call ends; "
+        "turn autocommit back on"
     )
 
 
