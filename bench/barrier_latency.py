@@ -26,11 +26,11 @@ import statistics
 import time
 from typing import Any, Callable
 
+from barrier_overhead import MYSQL, PG  # the same local databases
+
 from dtmcli._barrier.sql import _checked_commit_sql
 from dtmcli.barrier import BranchBarrier, create_schema
 
-MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "", "database": "test"}
-PG = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 TABLE = "dtm_barrier.barrier"
 COLUMNS = "(trans_type, gid, branch_id, op, barrier_id, reason)"
 UPDATE = "UPDATE bench_lat_account SET balance = balance + 1 WHERE id = %s"

@@ -167,6 +167,18 @@ def _refused(refused: weakref.WeakSet[Any], raw: Any) -> bool:
 _row_id_tables: dict[tuple[str, ...], bool] = {}
 
 
+def inserted(affected: int, **where: Any) -> bool:
+    """Whether a single-row INSERT IGNORE / ON CONFLICT DO NOTHING created its row (1) or found it (0).
+
+    Any other count (a driver that cannot tell: psycopg 3 in pipeline mode answers -1) raises
+    BarrierDatabaseError: taken for a new row, it would run a duplicate or a late call again.
+    """
+    if affected not in (0, 1):
+        raise BarrierDatabaseError(f"the barrier INSERT answered {affected} rows changed, not 0 or 1: cannot tell "
+                                   "whether the row was new", **where)
+    return affected == 1
+
+
 def _returned_ops(rows: list[tuple[Any, ...]], origin: str, op: str) -> tuple[int, int]:
     """``(origin_affected, current_affected)`` from the ops an insert_pair returned, compared exactly in Python.
 
@@ -584,13 +596,10 @@ class SqlStoreBase:
         return _row_id_tables.get((*self.adapter.target(), self.table), False)
 
     def note_insert(self, key: tuple[str, str, str, str], affected: int) -> None:
-        """After a single-row INSERT: refuse a row count other than 0 or 1 (a driver that cannot tell, e.g.
-        -1: the decision would take an unknown for a new row); remember the id of the row it created
-        (MySQL ``lastrowid``, read from the answer to the INSERT itself), for the row check at commit."""
-        if affected not in (0, 1):
-            raise BarrierDatabaseError(f"the barrier INSERT answered {affected} rows changed, not 0 or 1: cannot "
-                                       "tell whether the row was new")
-        if affected == 1 and self._table_has_id():
+        """After a single-row INSERT: refuse a row count other than 0 or 1 (:func:`inserted`); remember the id
+        of the row it created (MySQL ``lastrowid``, read from the answer to the INSERT itself), for the row
+        check at commit."""
+        if inserted(affected) and self._table_has_id():
             self._note_row_id(key, getattr(self.adapter, "last_id", None))
 
     def _note_row_id(self, key: tuple[str, str, str, str], value: Any) -> None:

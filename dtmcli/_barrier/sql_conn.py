@@ -225,9 +225,9 @@ def dbapi_autocommit(raw: Any, dialect: Any = None) -> Optional[bool]:
     """Whether a driver connection commits every statement on its own; ``None`` when it cannot tell.
 
     ``raw`` is a DB-API connection or SQLAlchemy's adapted async one; ``dialect``, a SQLAlchemy dialect,
-    is asked first where it can tell (SQLAlchemy >= 2.1). Then ``get_autocommit()`` (PyMySQL,
-    mysqlclient, aiomysql: the server status of the last answer), a boolean ``autocommit`` (psycopg2,
-    psycopg, SQLAlchemy's asyncpg adapter; mysql-connector asks its server), mysql-connector's C extension.
+    is asked first where it can tell (SQLAlchemy >= 2.1). Then what :func:`mysql_autocommit` reads without a
+    round trip, then a boolean ``autocommit`` (psycopg2, psycopg, SQLAlchemy's asyncpg adapter; pure-Python
+    mysql-connector asks its server).
     """
     detect = getattr(dialect, "detect_autocommit_setting", None)
     if callable(detect):
@@ -235,13 +235,11 @@ def dbapi_autocommit(raw: Any, dialect: Any = None) -> Optional[bool]:
             return bool(detect(raw))
         except NotImplementedError:
             pass
-    get = getattr(raw, "get_autocommit", None)
-    if callable(get):
-        return bool(get())
+    known = mysql_autocommit(raw)
+    if known is not None:
+        return known
     value = getattr(raw, "autocommit", None)
-    if isinstance(value, bool):
-        return value
-    return mysql_autocommit(raw)
+    return value if isinstance(value, bool) else None
 
 
 def autocommit_refused() -> DtmInvalidInput:
@@ -290,21 +288,26 @@ def is_django_source(db: Any) -> bool:
     return type(db).__module__.split(".")[0] == "django"
 
 
+def _django_connection(db: Any) -> Any:
+    """The Django connection ``"django"`` / ``"django:<alias>"`` names, or this thread's one for ``db``'s alias."""
+    from django.db import connections
+
+    if not isinstance(db, str):
+        return connections[db.alias]
+    return connections[db.split(":", 1)[1] if ":" in db else "default"]
+
+
 def refuse_open_transaction(db: Any) -> None:
     """Refuse (DtmInvalidInput) a SQLAlchemy Connection/Session (sync or asyncio) with a transaction open, or a
     Django connection inside an atomic block, where the caller needs the barrier's own committed transaction
     (a msg's local work, before its submit). Sources resolved later (factories, engines) are checked then."""
     if is_django_source(db):
-        from django.db import connections
-
-        conn = connections[db.split(":", 1)[1] if isinstance(db, str) and ":" in db else
-                           "default" if isinstance(db, str) else db.alias]
-        if conn.in_atomic_block:
+        if _django_connection(db).in_atomic_block:
             raise django_transaction_error(True)
         return
     in_transaction = getattr(db, "in_transaction", None)
-    if type(db).__module__.startswith("sqlalchemy") and callable(in_transaction) and in_transaction():
-        raise joined_transaction_error()
+    if type(db).__module__.startswith("sqlalchemy") and callable(in_transaction):
+        savepoint_plan(in_transaction(), join=False)  # the adapters' own rule: raises when one is open
 
 
 def is_aborted(raw: Any, conn: Any = None) -> bool:
@@ -603,8 +606,8 @@ class _SqlAlchemyAdapter(_Adapter):
 
     def __init__(self, conn: Any, dialect: Optional[str], join: bool = True, atomic: bool = True) -> None:
         self.conn = conn
-        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
-        self.dialect = normalize_dialect(dialect or bind.dialect.name)
+        self._bind = conn.get_bind() if hasattr(conn, "get_bind") else conn  # Session -> its Engine/Connection
+        self.dialect = normalize_dialect(dialect or self._bind.dialect.name)
         self.join = join
         self.atomic = atomic
         self._trans: Any = None
@@ -623,8 +626,7 @@ class _SqlAlchemyAdapter(_Adapter):
             raise
 
     def _refuse_autocommit(self) -> None:
-        bind = self.conn.get_bind() if hasattr(self.conn, "get_bind") else self.conn
-        if self.atomic and dbapi_autocommit(self.dbapi_connection(), bind.dialect):
+        if self.atomic and dbapi_autocommit(self.dbapi_connection(), self._bind.dialect):
             raise autocommit_refused()
 
     def commit(self) -> None:
@@ -639,8 +641,7 @@ class _SqlAlchemyAdapter(_Adapter):
         return sa_conn.connection.dbapi_connection
 
     def target(self) -> tuple[str, ...]:
-        bind = self.conn.get_bind() if hasattr(self.conn, "get_bind") else self.conn
-        return ("sqlalchemy", repr(bind.engine.url))
+        return ("sqlalchemy", repr(self._bind.engine.url))
 
     def execute(self, sql: str, params: tuple[str, ...]) -> int:
         from sqlalchemy import text
@@ -825,10 +826,8 @@ def connection_from(db: Any) -> Iterator[Any]:
     ``connection`` (called, and the connection closed afterwards; for pools, close returns it).
     """
     if isinstance(db, str):
-        if db == "django" or db.startswith("django:"):
-            from django.db import connections
-
-            yield connections[db.split(":", 1)[1] if ":" in db else "default"]
+        if is_django_source(db):
+            yield _django_connection(db)
             return
         raise DtmInvalidInput(f"db {db!r}: pass a connection, factory, engine, 'django' or 'django:<alias>'")
     if _is_factory(db):

@@ -19,7 +19,7 @@ from .._flow import Call, Flow, StoreOp, discard_awaitable
 from .._validate import check_branch_id, check_gid
 from ..errors import BarrierConflict, DtmError, DtmFailure, DtmInvalidInput
 from .core import DEFAULT_TABLE, BarrierDatabaseError, validate_table
-from .sql import _insert_sql, _select_reason_sql
+from .sql import _insert_sql, _select_reason_sql, inserted
 from .sql_conn import (
     MYSQL,
     POSTGRES,
@@ -222,10 +222,8 @@ def _action_steps(
         started = True
         row = (XA, info.gid, info.branch_id, OP_ACTION, XA_BARRIER_ID, OP_ACTION)
         affected = yield StoreOp("execute", _insert_sql(dialect, table), row)
-        if affected == 0:
+        if not inserted(affected, **where):
             raise DtmFailure("xa branch was already rolled back (or done): its barrier row exists", **where)
-        if affected != 1:  # a driver that cannot tell (-1): a late action must not pass for a first one
-            raise BarrierDatabaseError(f"the xa barrier INSERT answered {affected} rows changed, not 0 or 1", **where)
         result = yield Call(busi, tx)
         if inspect.isasyncgen(result):  # nothing of it ran; preparing would report work never done
             raise DtmInvalidInput(
