@@ -100,58 +100,11 @@ def test_plans() -> None:
 def test_a_real_deadlock_on_an_autocommit_connection(mysql_db: Any) -> None:
     """The business code catches a real deadlock and goes on: nothing it did is committed, and the caller's
     autocommit mode is back afterwards. Before: its statements after the deadlock committed one by one."""
-    schema, connect = mysql_db
-    table = f"{schema}.barrier"
-    setup = connect()
-    barrier_sql.create_schema(setup, table=table)
-    for stmt in (f"create table {schema}.locks (id int primary key, v int) engine=innodb",
-                 f"create table {schema}.bulk (id int auto_increment primary key, v int) engine=innodb",
-                 f"create table {schema}.effect (gid varchar(128), op varchar(45)) engine=innodb",
-                 f"insert into {schema}.locks values (1, 0), (2, 0)"):
-        execute(setup, stmt)
-    setup.commit()
-    gid = local_gid()
-    go = threading.Event()
-    caught: list[int] = []
+    from test_mysql_rolled_back import refused_after_a_caught_deadlock
 
-    def opponent() -> None:
-        """Heavier (so InnoDB picks the barrier's transaction): lock row 2, then want row 1."""
-        c = connect()
-        cur = c.cursor()
-        cur.executemany(f"insert into {schema}.bulk(v) values (%s)", [(i,) for i in range(200)])
-        cur.execute(f"select v from {schema}.locks where id = 2 for update")
-        go.set()
-        time.sleep(0.3)
-        try:
-            cur.execute(f"select v from {schema}.locks where id = 1 for update")
-        finally:
-            c.rollback()
-
-    def busi(tx: Any) -> str:
-        assert tx.get_autocommit() is False  # the call runs with autocommit off
-        cur = tx.cursor()
-        cur.execute(f"select v from {schema}.locks where id = 1 for update")
-        worker.start()
-        assert go.wait(10)
-        try:
-            cur.execute(f"update {schema}.locks set v = v + 1 where id = 2")
-        except pymysql.err.OperationalError as exc:
-            caught.append(exc.args[0])
-            cur.execute(f"update {schema}.locks set v = v + 1 where id = 2")  # "retry the statement"
-        cur.execute(f"insert into {schema}.effect values (%s, 'action')", (gid,))
-        return "ok"
-
-    worker = threading.Thread(target=opponent)
-    conn = connect()
-    conn.autocommit(True)
-    try:
-        with pytest.raises(BarrierDatabaseError, match=GONE):
-            BranchBarrier("saga", gid, "01", "action", table=table).call(conn, busi)
-    finally:
-        worker.join(10)
-    assert caught == [1213]
+    conn, gid, schema, table = refused_after_a_caught_deadlock(mysql_db, autocommit=True)
     assert conn.get_autocommit() is True
-    reader = connect()
+    reader = mysql_db[1]()
     assert query_all(reader, f"select op from {schema}.effect where gid = %s", (gid,)) == []
     assert query_all(reader, f"select v from {schema}.locks order by id") == [(0,), (0,)]
     assert query_all(reader, f"select op from {table} where gid = %s", (gid,)) == []

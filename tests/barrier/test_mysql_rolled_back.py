@@ -96,8 +96,11 @@ def test_blocking_barrier_refuses_a_transaction_rolled_back_under_the_business_f
         engine.dispose()
 
 
-def test_a_real_deadlock_caught_by_the_business_code(mysql_db: Any) -> None:
-    """The reviewer's scenario, in a database of its own: the barrier's transaction is the victim."""
+def refused_after_a_caught_deadlock(mysql_db: Any, autocommit: bool = False) -> tuple[Any, str, str, str]:
+    """A real deadlock in a database of its own: the barrier's transaction (the lighter one) is InnoDB's victim,
+    and the business code catches the error, retries its statement and goes on writing. The call must be
+    refused (the barrier row is gone). ``autocommit``: the caller's connection has it on (the business code
+    must still see it off). Returns ``(conn, gid, schema, table)`` for the caller's own checks."""
     schema, connect = mysql_db
     table = f"{schema}.barrier"
     setup = connect()
@@ -128,6 +131,7 @@ def test_a_real_deadlock_caught_by_the_business_code(mysql_db: Any) -> None:
             c.rollback()
 
     def busi(tx: Any) -> str:
+        assert tx.get_autocommit() is False  # the call runs with autocommit off
         cur = tx.cursor()
         cur.execute(f"select v from {schema}.locks where id = 1 for update")
         worker.start()
@@ -142,13 +146,21 @@ def test_a_real_deadlock_caught_by_the_business_code(mysql_db: Any) -> None:
 
     worker = threading.Thread(target=opponent)
     conn = connect()
+    if autocommit:
+        conn.autocommit(True)
     try:
         with pytest.raises(BarrierDatabaseError, match=GONE):
             BranchBarrier("saga", gid, "01", "action", table=table).call(conn, busi)
     finally:
         worker.join(10)
     assert caught == [1213]
-    reader = connect()
+    return conn, gid, schema, table
+
+
+def test_a_real_deadlock_caught_by_the_business_code(mysql_db: Any) -> None:
+    """The reviewer's scenario: nothing the business code did, and no barrier row, is committed."""
+    _, gid, schema, table = refused_after_a_caught_deadlock(mysql_db)
+    reader = mysql_db[1]()
     assert query_all(reader, f"select op from {schema}.effect where gid = %s", (gid,)) == []
     assert query_all(reader, f"select op from {table} where gid = %s", (gid,)) == []
 
