@@ -17,10 +17,10 @@ import warnings
 from typing import Any, Iterator, Optional
 
 import pytest
-from wf_fakes import BUSI, DTM, AsyncFakeDtm, FakeDtm, progress
+from wf_fakes import BUSI, DTM, AsyncFakeDtm, FakeDtm, custom, installed, prepared, progress
 
 import dtmcli.asyncio.workflow as aworkflow
-from dtmcli import DtmClient, DtmFailure, DtmInvalidInput, DtmOngoing, DtmServerError, Msg, local_gid, workflow
+from dtmcli import DtmFailure, DtmInvalidInput, DtmOngoing, DtmServerError, Msg, local_gid, workflow
 from dtmcli._protocol import Response
 from dtmcli.asyncio import AsyncDtmClient
 from dtmcli.testing import BranchService, DtmFacade
@@ -32,19 +32,8 @@ CALLBACK = "http://svc.test/resume"
 
 @pytest.fixture
 def fake() -> Iterator[FakeDtm]:
-    dtm = FakeDtm()
-    workflow.init_http(DtmClient(DTM, transport=dtm), CALLBACK)  # type: ignore[arg-type]
-    yield dtm
-    workflow.unregister(NAME)
-
-
-def custom(name: str, data: bytes) -> str:
-    """custom_data as Go writes it."""
-    return json.dumps({"data": base64.b64encode(data).decode(), "name": name}, separators=(",", ":"))
-
-
-def prepared(*rows: dict[str, Any], **trans: Any) -> dict[str, Any]:
-    return {"transaction": {"status": "prepared", "trans_type": "workflow", **trans}, "progresses": list(rows)}
+    with installed(NAME, CALLBACK) as dtm:
+        yield dtm
 
 
 def one_step(wf: workflow.Workflow, data: bytes) -> bytes:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
+from dtmcli import DtmClient, workflow
 from dtmcli._protocol import Response
 
 PREPARED_ANSWER: dict[str, Any] = {"transaction": {"status": "prepared", "trans_type": "workflow"}, "progresses": []}
@@ -19,6 +21,16 @@ def progress(branch_id: str, op: str, status: str, data: bytes = b"") -> dict[st
     if data:
         row["bin_data"] = base64.b64encode(data).decode()
     return row
+
+
+def custom(name: str, data: bytes) -> str:
+    """custom_data as Go writes it."""
+    return json.dumps({"data": base64.b64encode(data).decode(), "name": name}, separators=(",", ":"))
+
+
+def prepared(*rows: dict[str, Any], **trans: Any) -> dict[str, Any]:
+    """A /query answer: a prepared workflow (``trans`` fields added) with these progress rows."""
+    return {"transaction": {"status": "prepared", "trans_type": "workflow", **trans}, "progresses": list(rows)}
 
 
 class FakeDtm:
@@ -74,3 +86,14 @@ class AsyncFakeDtm(FakeDtm):
 
     async def aclose(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def installed(name: str, callback: str) -> Iterator[FakeDtm]:
+    """A FakeDtm as the blocking workflow module's DTM (``init_http``); workflow ``name`` unregistered after."""
+    dtm = FakeDtm()
+    workflow.init_http(DtmClient(DTM, transport=dtm), callback)  # type: ignore[arg-type]
+    try:
+        yield dtm
+    finally:
+        workflow.unregister(name)
