@@ -25,6 +25,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 import pytest
+from tcp_listener import Listener, read_message
 from web_servers import serve_http
 
 from dtmcli import DtmConnectError, DtmConnectTimeout, DtmInvalidInput, DtmTimeout, DtmTransportError
@@ -93,27 +94,15 @@ def base_of(srv: ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{srv.server_address[1]}"
 
 
-class RawServer:
+class RawServer(Listener):
     """A TCP server running ``answer(conn, stop)`` for each connection in its own thread."""
 
     def __init__(self, answer: Callable[[socket.socket, threading.Event], None]) -> None:
         self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         with conn:
             try:
                 self.answer(conn, self.stop)
@@ -127,25 +116,8 @@ class RawServer:
 
 def read_request(conn: socket.socket, buf: bytearray) -> bytes:
     """The next request head from ``conn`` (its body, per Content-Length, is consumed too); b"" at EOF."""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return b""
-        buf += chunk
-    head, _, _ = bytes(buf).partition(b"\r\n\r\n")
-    del buf[: len(head) + 4]
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(buf) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return b""
-        buf += chunk
-    del buf[:length]
-    return head
+    message = read_message(conn, buf)
+    return message[0] if message is not None else b""
 
 
 def answer(body: bytes, status: str = "200 OK") -> bytes:

@@ -31,6 +31,7 @@ import test_input_validation as validation_suite
 import test_transport as transport_suite
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tcp_listener import Listener, read_message
 
 from dtmcli import DtmClient, DtmConnectError, DtmInvalidInput, DtmTimeout, DtmTransportError, Msg, _http11, local_gid
 from dtmcli._transport import Http11Transport, RequestsTransport, Urllib3Transport, default_transport
@@ -173,60 +174,30 @@ def test_default_transport_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- a scriptable raw server ---------------------------------------------------------------------
 
 
-class RawServer:
+class RawServer(Listener):
     """Accepts connections; ``script(conn, index, request)`` answers each request (``index`` counts
     the requests on that connection) and returns False to stop serving the connection."""
 
     def __init__(self, script: Callable[[socket.socket, int, bytes], bool], tls: Optional[ssl.SSLContext] = None):
         self.script = script
         self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.requests: list[tuple[int, bytes]] = []  # (connection number, request head + body)
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            t = threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         try:
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
-            buf = b""
+            buf = bytearray()
             index = 0
             while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                body, buf = buf[:length], buf[length:]
-                self.requests.append((number, head + b"\r\n\r\n" + body))
-                if not self.script(conn, index, head + b"\r\n\r\n" + body):
+                message = read_message(conn, buf)
+                if message is None:
+                    return
+                request = message[0] + b"\r\n\r\n" + message[1]
+                self.requests.append((number, request))
+                if not self.script(conn, index, request):
                     return
                 index += 1
         except (OSError, ssl.SSLError):

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+from tcp_listener import Listener
 
 from dtmcli import DtmClient, DtmConnectError, DtmServerError, DtmTimeout, DtmTransportError, Msg, _http11
 from dtmcli import _h11core as h11
@@ -93,31 +94,16 @@ def timed_call(kind: str, method: str, url: str, body: Optional[bytes], timeout:
 # -- a server that acts on a request's head ------------------------------------------------------------
 
 
-class HeadServer:
+class HeadServer(Listener):
     """Answers GET at once (keep-alive). For anything else it calls ``on_head(server, conn, head)``
     as soon as the head arrived, without reading the body; the handler answers (or not) and closes."""
 
     def __init__(self, on_head: Callable[[HeadServer, socket.socket, bytes], None]) -> None:
         self.on_head = on_head
         self.acted: list[bytes] = []  # request lines acted on
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         buf = b""
         try:
             while True:
