@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -21,6 +21,32 @@ REDIS = {"host": os.environ.get("DTM_TEST_REDIS_HOST", "127.0.0.1"), "port": 637
 MONGO_URL: Optional[str] = os.environ.get("DTM_TEST_MONGO_URL") or None
 
 _PORTS = {"mysql": (MYSQL["host"], 3306), "postgres": (POSTGRES["host"], 5432), "redis": (REDIS["host"], 6379)}
+
+
+def mysql_connect() -> Any:
+    """A PyMySQL connection to the test MariaDB database (autocommit off)."""
+    import pymysql
+
+    return pymysql.connect(
+        host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
+        database=MYSQL["database"], autocommit=False,
+    )
+
+
+def psycopg2_connect() -> Any:
+    """A psycopg2 connection to the test PostgreSQL database."""
+    import psycopg2
+
+    return psycopg2.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
+                            dbname=POSTGRES["dbname"])
+
+
+def psycopg_connect() -> Any:
+    """A psycopg 3 connection to the test PostgreSQL database."""
+    import psycopg
+
+    return psycopg.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
+                           dbname=POSTGRES["dbname"])
 
 
 def in_ci() -> bool:

@@ -11,7 +11,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
-from services import MYSQL, POSTGRES, REDIS, require
+from services import MYSQL, POSTGRES, REDIS, mysql_connect, psycopg2_connect, psycopg_connect, require
 
 from dtmcli.barrier import create_schema
 
@@ -19,29 +19,6 @@ BALANCE_TABLE = "dtmcli_barrier_balance"
 EFFECT_TABLE = "dtmcli_barrier_effect"
 
 SQL_DRIVERS = ("pymysql", "psycopg2", "psycopg")
-
-
-def mysql_connect() -> Any:
-    import pymysql
-
-    return pymysql.connect(
-        host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
-        database=MYSQL["database"], autocommit=False,
-    )
-
-
-def psycopg2_connect() -> Any:
-    import psycopg2
-
-    return psycopg2.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
-                            dbname=POSTGRES["dbname"])
-
-
-def psycopg_connect() -> Any:
-    import psycopg
-
-    return psycopg.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
-                           dbname=POSTGRES["dbname"])
 
 
 CONNECT: dict[str, Callable[[], Any]] = {

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-from services import MYSQL, POSTGRES, REDIS, in_ci, require
+from services import POSTGRES, REDIS, in_ci, mysql_connect, psycopg2_connect, require
 
 if not in_ci():
     pytest.importorskip("grpc")
@@ -332,20 +332,6 @@ class _Ctx:
 EFFECT = "dtmcli_grpc_effect"
 
 
-def _mysql() -> Any:
-    import pymysql
-
-    return pymysql.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
-                           database=MYSQL["database"], autocommit=False)
-
-
-def _pg() -> Any:
-    import psycopg2
-
-    return psycopg2.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
-                            dbname=POSTGRES["dbname"])
-
-
 def _prepare(connect: Callable[[], Any]) -> None:
     conn = connect()
     try:
@@ -373,7 +359,7 @@ class SyncBusi:
     def __init__(self) -> None:
         self.runs = 0
 
-    @barrier(db=_mysql)
+    @barrier(db=mysql_connect)
     def TransOut(self, request: Any, context: Any, tx: Any) -> Any:
         self.runs += 1
         info = current_branch_info()
@@ -393,7 +379,7 @@ def _sync_handlers(busi: SyncBusi) -> dict[str, Handler]:
 
 def test_barrier_on_sync_servicer_mysql() -> None:
     require("mysql")
-    _prepare(_mysql)
+    _prepare(mysql_connect)
     busi = SyncBusi()
     gid, gid2, gid3 = local_gid(), local_gid(), local_gid()
     with sync_server(_sync_handlers(busi)) as target:
@@ -401,33 +387,33 @@ def test_barrier_on_sync_servicer_mysql() -> None:
         assert call(target, "TransOut", body, dtm_md(gid)) == (grpc.StatusCode.OK, "")
         assert call(target, "TransOut", body, dtm_md(gid)) == (grpc.StatusCode.OK, "")  # duplicate: skipped
         assert busi.runs == 1
-        assert _effects(_mysql, gid) == [("action", 30)]
+        assert _effects(mysql_connect, gid) == [("action", 30)]
         # null compensation, then the late action is suspended: neither runs the business code
         assert call(target, "TransOutRevert", body, dtm_md(gid2, op="compensate")) == (grpc.StatusCode.OK, "")
         assert call(target, "TransOut", body, dtm_md(gid2)) == (grpc.StatusCode.OK, "")
-        assert busi.runs == 1 and _effects(_mysql, gid2) == []
+        assert busi.runs == 1 and _effects(mysql_connect, gid2) == []
         # a failing action is rolled back and answered ABORTED; its compensation is then a null one
         neg = wrappers_pb2.Int64Value(value=-1).SerializeToString()
         assert call(target, "TransOut", neg, dtm_md(gid3)) == (grpc.StatusCode.ABORTED, "negative amount")
-        assert _effects(_mysql, gid3) == []
+        assert _effects(mysql_connect, gid3) == []
         assert call(target, "TransOutRevert", neg, dtm_md(gid3, op="compensate")) == (grpc.StatusCode.OK, "")
-        assert busi.runs == 2 and _effects(_mysql, gid3) == []
+        assert busi.runs == 2 and _effects(mysql_connect, gid3) == []
 
 
 def test_barrier_on_servicer_needs_the_interceptor() -> None:
     require("mysql")
-    _prepare(_mysql)
+    _prepare(mysql_connect)
     busi = SyncBusi()
     gid = local_gid()
     with sync_server(_sync_handlers(busi), intercept=False) as target:
         code, details = call(target, "TransOut", b"\x08\x01", dtm_md(gid))
     assert code == grpc.StatusCode.UNKNOWN and "DtmServerInterceptor" in details
-    assert busi.runs == 0 and _effects(_mysql, gid) == []
+    assert busi.runs == 0 and _effects(mysql_connect, gid) == []
 
 
 def test_barrier_on_async_servicer_postgres() -> None:
     require("postgres")
-    _prepare(_pg)
+    _prepare(psycopg2_connect)
     import asyncpg
 
     aio = AioLoop()
@@ -461,8 +447,8 @@ def test_barrier_on_async_servicer_postgres() -> None:
         aio.run(pool.close())
         aio.close()
     assert runs == ["try", "cancel"]
-    assert _effects(_pg, gid) == [("cancel", 40), ("try", 40)]
-    assert _effects(_pg, gid2) == []
+    assert _effects(psycopg2_connect, gid) == [("cancel", 40), ("try", 40)]
+    assert _effects(psycopg2_connect, gid2) == []
 
 
 @flavours

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 from flavours import ASYNC, SYNC, Flavour
-from services import MYSQL, POSTGRES, in_ci, require
+from services import POSTGRES, in_ci, mysql_connect, psycopg2_connect, require
 
 if not in_ci():
     pytest.importorskip("grpc")
@@ -59,21 +59,7 @@ def amount(value: int) -> wrappers_pb2.Int64Value:
 # -- databases ------------------------------------------------------------------------------------------------
 
 
-def _mysql() -> Any:
-    import pymysql
-
-    return pymysql.connect(host=MYSQL["host"], port=MYSQL["port"], user=MYSQL["user"], password=MYSQL["password"],
-                           database=MYSQL["database"], autocommit=False)
-
-
-def _pg() -> Any:
-    import psycopg2
-
-    return psycopg2.connect(host=POSTGRES["host"], port=POSTGRES["port"], user=POSTGRES["user"],
-                            dbname=POSTGRES["dbname"])
-
-
-CONNECT = {"mysql": _mysql, "postgres": _pg}
+CONNECT = {"mysql": mysql_connect, "postgres": psycopg2_connect}
 
 
 def _prepare(db: str) -> None:
@@ -153,7 +139,7 @@ class Bank:
     def handle(self, method: str, request: bytes, context: Any) -> Any:
         info, value = self._record(method, request)
         if method == "QueryPrepared":
-            with contextlib.closing(_mysql()) as conn:
+            with contextlib.closing(mysql_connect()) as conn:
                 BranchBarrier.from_grpc(context).query_prepared(conn)  # DtmFailure (Aborted) unless committed
             return None
         if method.startswith("Xa"):
@@ -168,7 +154,7 @@ class Bank:
             if method in self.fail:
                 raise DtmFailure(self.fail[method])
 
-        BranchBarrier.from_grpc(context).call_with_db(_mysql, work)
+        BranchBarrier.from_grpc(context).call_with_db(mysql_connect, work)
         if method == "TransInTry" and self.nest:
             sgrpc.Tcc.from_grpc(context).call_branch(
                 amount(value), self.url("HopTry"), self.url("HopConfirm"), self.url("HopCancel"))
@@ -412,11 +398,11 @@ def do_and_submit(env: Env, msg: Any, outcome: str) -> None:
 
         if outcome == "lost":
             def busi(barrier: Any) -> None:
-                barrier.call_with_db(_mysql, work)
+                barrier.call_with_db(mysql_connect, work)
                 raise LocalError("answer lost after commit")
             msg.do_and_submit(qp, busi)
         else:
-            with contextlib.closing(_mysql()) as conn:
+            with contextlib.closing(mysql_connect()) as conn:
                 msg.do_and_submit_db(qp, conn, work)
         return
 

@@ -21,7 +21,6 @@ from wf_fakes import BUSI, DTM, AsyncFakeDtm, FakeDtm, custom, installed, prepar
 
 import dtmcli.asyncio.workflow as aworkflow
 from dtmcli import DtmFailure, DtmInvalidInput, DtmOngoing, DtmServerError, Msg, local_gid, workflow
-from dtmcli._protocol import Response
 from dtmcli.asyncio import AsyncDtmClient
 from dtmcli.testing import BranchService, DtmFacade
 from dtmcli.workflow import WorkflowConflict
@@ -254,20 +253,6 @@ def test_async_cancellation_releases_the_gid() -> None:
         aworkflow.unregister(NAME)
 
 
-def _refusing(fake: FakeDtm, path: str, status: int, body: bytes, finished: dict[str, Any]) -> None:
-    """``path`` answers ``status``/``body``; the prepareWorkflow after it answers ``finished``."""
-    original = fake._answer
-
-    def answer(method: str, url: str, params: Any, body_: Optional[bytes]) -> Response:
-        if url.endswith(f"/{path}"):
-            fake.calls.append((method, url, None, json.loads(body_ or b"{}")))
-            fake.prepare = finished
-            return Response(status, body)
-        return original(method, url, params, body_)
-
-    fake._answer = answer  # type: ignore[method-assign]
-
-
 @pytest.mark.parametrize(
     ("path", "status", "body"),
     [("registerBranch", 409, b'{"dtm_result":"FAILURE","message":"not prepared"}'),
@@ -277,7 +262,7 @@ def _refusing(fake: FakeDtm, path: str, status: int, body: bytes, finished: dict
 def test_finished_by_another_execution_returns_its_outcome(fake: FakeDtm, path: str, status: int, body: bytes) -> None:
     done = {"transaction": {"status": "succeed", "trans_type": "workflow",
                             "result": base64.b64encode(b"theirs").decode()}, "progresses": []}
-    _refusing(fake, path, status, body, done)
+    fake.refuse(path, status, body, done)
     committed: list[str] = []
 
     def fn(wf: workflow.Workflow, data: bytes) -> bytes:
@@ -294,7 +279,7 @@ def test_finished_by_another_execution_returns_its_outcome(fake: FakeDtm, path: 
     failed = {"transaction": {"status": "failed", "trans_type": "workflow", "rollback_reason": "theirs FAILURE"},
               "progresses": []}
     fake.prepare = prepared()
-    _refusing(fake, path, status, body, failed)
+    fake.refuse(path, status, body, failed)
     if path == "submit":  # this run committed (its callback ran): DTM's "failed" contradicts it
         with pytest.raises(WorkflowConflict, match="as failed after this one ran 1 commit callback"):
             workflow.execute(NAME, "G", b"in")
@@ -305,7 +290,7 @@ def test_finished_by_another_execution_returns_its_outcome(fake: FakeDtm, path: 
 
 
 def test_a_still_prepared_gid_keeps_the_error(fake: FakeDtm) -> None:
-    _refusing(fake, "submit", 500, b'{"message":"busy"}', prepared())
+    fake.refuse("submit", 500, b'{"message":"busy"}', prepared())
     workflow.register(NAME, one_step)
     with pytest.raises(DtmServerError, match="busy"):
         workflow.execute(NAME, "G", b"in")
@@ -313,7 +298,7 @@ def test_a_still_prepared_gid_keeps_the_error(fake: FakeDtm) -> None:
 
 def test_a_swallowed_refusal_runs_no_phase2(fake: FakeDtm) -> None:
     done = {"transaction": {"status": "failed", "trans_type": "workflow", "rollback_reason": "r"}, "progresses": []}
-    _refusing(fake, "registerBranch", 409, b'{"dtm_result":"FAILURE"}', done)
+    fake.refuse("registerBranch", 409, b'{"dtm_result":"FAILURE"}', done)
     committed: list[str] = []
 
     def fn(wf: workflow.Workflow, data: bytes) -> bytes:

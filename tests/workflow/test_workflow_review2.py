@@ -45,20 +45,6 @@ def finished(status: str, **trans: Any) -> dict[str, Any]:
     return {"transaction": {"status": status, "trans_type": "workflow", **stored, **trans}, "progresses": []}
 
 
-def _refusing(fake: FakeDtm, path: str, status: int, body: bytes, then: dict[str, Any]) -> None:
-    """``path`` answers ``status``/``body``; every prepareWorkflow after it answers ``then``."""
-    original = fake._answer
-
-    def answer(method: str, url: str, params: Any, body_: Optional[bytes]) -> Response:
-        if url.endswith(f"/{path}"):
-            fake.calls.append((method, url, None, json.loads(body_ or b"{}")))
-            fake.prepare = then
-            return Response(status, body)
-        return original(method, url, params, body_)
-
-    fake._answer = answer  # type: ignore[method-assign]
-
-
 # -- NEW-1: a finished gid answers only its own workflow and input ----------------------------------
 
 
@@ -129,7 +115,7 @@ def test_this_run_compensated_but_the_gid_succeeded_is_a_conflict(
     ran: list[str] = []
     workflow.register(NAME, _compensating(True, ran))
     if refused == "submit":
-        _refusing(fake, "submit", 500, b'{"message":"storage: NotFound"}', finished("succeed"))
+        fake.refuse("submit", 500, b'{"message":"storage: NotFound"}', finished("succeed"))
     else:  # the record of the rollback callback is refused (the action records pass)
         original = fake._answer
 
@@ -153,7 +139,7 @@ def test_this_run_compensated_but_the_gid_succeeded_is_a_conflict(
 def test_this_run_committed_but_the_gid_failed_is_a_conflict(fake: FakeDtm) -> None:
     ran: list[str] = []
     workflow.register(NAME, _compensating(False, ran))
-    _refusing(fake, "submit", 500, b'{"message":"storage: NotFound"}', finished("failed"))
+    fake.refuse("submit", 500, b'{"message":"storage: NotFound"}', finished("failed"))
     with pytest.raises(WorkflowConflict, match="as failed after this one ran 1 commit callback"):
         workflow.execute(NAME, "G", b"in")
     assert ran == ["commit"]
@@ -163,7 +149,7 @@ def test_this_run_committed_but_the_gid_failed_is_a_conflict(fake: FakeDtm) -> N
 def test_an_agreeing_outcome_is_returned(fake: FakeDtm, fail: bool, stored: str) -> None:
     ran: list[str] = []
     workflow.register(NAME, _compensating(fail, ran))
-    _refusing(fake, "submit", 500, b'{"message":"storage: NotFound"}', finished(stored))
+    fake.refuse("submit", 500, b'{"message":"storage: NotFound"}', finished(stored))
     if fail:
         with pytest.raises(DtmFailure, match="theirs FAILURE"):
             workflow.execute(NAME, "G", b"in")
@@ -180,7 +166,7 @@ def test_no_callback_run_takes_the_stored_outcome(fake: FakeDtm, stored: str) ->
         return b""
 
     workflow.register(NAME, fn)
-    _refusing(fake, "submit", 500, b'{"message":"storage: NotFound"}', finished(stored))
+    fake.refuse("submit", 500, b'{"message":"storage: NotFound"}', finished(stored))
     if stored == "succeed":
         assert workflow.execute(NAME, "G", b"in") == b"theirs"
     else:
@@ -389,7 +375,7 @@ def test_the_token_is_not_logged(dtm: DtmFacade, caplog: pytest.LogCaptureFixtur
 @pytest.mark.parametrize(("status", "body"), [(409, b'{"dtm_result":"FAILURE","message":"not prepared"}'),
                                               (500, b'{"message":"storage: NotFound"}')])
 def test_a_swallowed_refusal_runs_no_later_step(fake: FakeDtm, status: int, body: bytes) -> None:
-    _refusing(fake, "registerBranch", status, body, finished("succeed"))
+    fake.refuse("registerBranch", status, body, finished("succeed"))
     later: list[Any] = []
 
     def fn(wf: workflow.Workflow, data: bytes) -> bytes:
@@ -411,7 +397,7 @@ def test_a_swallowed_refusal_runs_no_later_step(fake: FakeDtm, status: int, body
 
 
 def test_a_swallowed_refusal_returns_the_stored_outcome_when_nothing_else_runs(fake: FakeDtm) -> None:
-    _refusing(fake, "registerBranch", 409, b'{"dtm_result":"FAILURE"}', finished("succeed"))
+    fake.refuse("registerBranch", 409, b'{"dtm_result":"FAILURE"}', finished("succeed"))
 
     def fn(wf: workflow.Workflow, data: bytes) -> bytes:
         try:

@@ -65,6 +65,19 @@ class FakeDtm:
                 headers: Any = None, timeout: Any = None) -> Response:
         return self._answer(method, url, params, body)
 
+    def refuse(self, path: str, status: int, body: bytes, then: Mapping[str, Any]) -> None:
+        """DTM's ``path`` answers ``status``/``body`` from now on; every prepareWorkflow after it answers ``then``."""
+        original = self._answer
+
+        def answer(method: str, url: str, params: Any, body_: Optional[bytes]) -> Response:
+            if url.endswith(f"/{path}"):
+                self.calls.append((method, url, None, json.loads(body_ or b"{}")))
+                self.prepare = then
+                return Response(status, body)
+            return original(method, url, params, body_)
+
+        self._answer = answer  # type: ignore[method-assign]
+
     def close(self) -> None:
         pass
 
