@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-from barrier.conftest import mysql_db, pg_schema  # noqa: F401 - fixtures
+from barrier.conftest import mysql_db, pg_schema, query_all  # noqa: F401 - fixtures
 from services import MYSQL, POSTGRES, in_ci
 
 if not in_ci():
@@ -185,13 +185,7 @@ class Db:
             assert await cur.execute(self._move_sql(method), (value, user)) == 1
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        cur = self.sync.cursor()
-        try:
-            cur.execute(sql, params)
-            return [tuple(r) for r in cur.fetchall()]
-        finally:
-            cur.close()
-            self.sync.rollback()
+        return query_all(self.sync, sql, params)  # and ends the read's transaction
 
     def balances(self, gid: str) -> tuple[int, int]:
         got = dict(self.rows(f"select user_id, balance from {self.balance} where user_id in (%s, %s)",

@@ -16,7 +16,7 @@ import socket
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
-from barrier.conftest import mysql_db, pg_schema  # noqa: F401 - fixtures
+from barrier.conftest import mysql_db, pg_schema, query_all  # noqa: F401 - fixtures
 from services import MYSQL, POSTGRES
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -237,13 +237,7 @@ class Db:
         return bool(conn.is_closed() if self.driver == "asyncpg" else conn.closed)
 
     def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        cur = self.sync.cursor()
-        try:
-            cur.execute(sql, params)
-            return [tuple(r) for r in cur.fetchall()]
-        finally:
-            cur.close()
-            self.sync.rollback()
+        return query_all(self.sync, sql, params)  # and ends the read's transaction
 
     def balances(self, *users: str) -> dict[str, int]:
         got = {}
