@@ -309,18 +309,18 @@ class _SqlAlchemyAdapter(_AsyncAdapter):
     async def begin(self) -> None:
         # In AUTOCOMMIT mode begin() opens nothing on the database and every statement commits alone.
         if savepoint_plan(self.conn.in_transaction(), self.join):
-            await self._refuse_autocommit()
+            await self._take_connection()
             self._trans = await self.conn.begin_nested()
             return
         self._trans = await self.conn.begin()  # sends nothing yet: a session's connection() needs it first
         try:
-            await self._refuse_autocommit()
+            await self._take_connection()
         except BaseException:
             await self._trans.rollback()
             raise
 
-    async def _refuse_autocommit(self) -> None:
-        """Also keeps the driver connection for :meth:`dbapi_connection`."""
+    async def _take_connection(self) -> None:
+        """Keep the driver connection (for :meth:`dbapi_connection`); refuse one in AUTOCOMMIT mode."""
         sa_conn = await self.conn.connection() if self._session else self.conn
         pooled = sa_conn.sync_connection.connection
         self._raw = pooled.driver_connection
